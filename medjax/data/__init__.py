@@ -1,0 +1,23 @@
+"""Data: image I/O, dataset layouts, transforms, synthetic data and input pipelines. Names resolve lazily to keep ``import medjax.data`` cheap."""
+
+import importlib
+
+# public name -> module that defines it; add a line when you add a new public function.
+_LAZY = {
+    "Image": "medjax.data.io",
+    "load_image": "medjax.data.io",
+    "save_image": "medjax.data.io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"medjax.data.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'medjax.data' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,21 @@
+"""Published networks, one file each. Names resolve lazily to keep ``import medjax.models`` cheap."""
+
+import importlib
+
+# public name -> module that defines it; add a line when you add a model file.
+_LAZY = {
+    "UniverSeg": "medjax.models.universeg",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"medjax.models.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'medjax.models' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,22 @@
+"""Reusable Flax linen blocks. Names resolve lazily to keep ``import medjax.nn`` cheap."""
+
+import importlib
+
+# public name -> module that defines it; add a line when you add a block file.
+_LAZY = {
+    "CrossConv": "medjax.nn.cross",
+    "CrossBlock": "medjax.nn.cross",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        return importlib.import_module(f"medjax.nn.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'medjax.nn' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
