@@ -15,7 +15,9 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     try:
         return importlib.import_module(f"medjax.data.{name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name != f"medjax.data.{name}":
+            raise  # a real missing dependency inside the submodule
         raise AttributeError(f"module 'medjax.data' has no attribute {name!r}") from None
 
 

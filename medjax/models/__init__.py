@@ -13,7 +13,9 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     try:
         return importlib.import_module(f"medjax.models.{name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name != f"medjax.models.{name}":
+            raise  # a real missing dependency inside the submodule
         raise AttributeError(f"module 'medjax.models' has no attribute {name!r}") from None
 
 

@@ -14,7 +14,9 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     try:
         return importlib.import_module(f"medjax.nn.{name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as e:
+        if e.name != f"medjax.nn.{name}":
+            raise  # a real missing dependency inside the submodule
         raise AttributeError(f"module 'medjax.nn' has no attribute {name!r}") from None
 
 
