@@ -46,9 +46,7 @@ def gaussian_heatmap(spatial_shape, centres, sigma):
     spatial_shape = tuple(int(s) for s in spatial_shape)
     ndim = len(spatial_shape)
     if ndim not in (1, 2, 3) or min(spatial_shape) < 1:
-        raise ValueError(
-            f"spatial_shape: expected 1 to 3 positive sizes, got {spatial_shape!r}"
-        )
+        raise ValueError(f"spatial_shape: expected 1 to 3 positive sizes, got {spatial_shape!r}")
     centres = jnp.asarray(centres, dtype=jnp.float32)
     if centres.ndim != 2 or centres.shape[1] != ndim:
         raise ValueError(f"centres: expected shape (N, {ndim}), got shape {centres.shape}")

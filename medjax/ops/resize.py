@@ -78,9 +78,7 @@ def resize(x, scale=None, *, align_corners=True, shape=None):
     if min(out_shape) < 1:
         raise ValueError(f"shape: expected an output spatial shape >= 1, got {out_shape}")
     for k in range(ndim):
-        x = _linear_axis(
-            x, 1 + k, out_shape[k], align_corners=align_corners, scale=scales[k]
-        )
+        x = _linear_axis(x, 1 + k, out_shape[k], align_corners=align_corners, scale=scales[k])
     return x
 
 

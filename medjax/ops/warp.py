@@ -9,7 +9,6 @@ the exact transpose (a scatter-add of the corner weights).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["warp", "identity_grid", "displacement_to_grid", "grid_to_displacement"]
 
@@ -21,9 +20,7 @@ def identity_grid(spatial_shape):
     """Voxel coordinates of every voxel: ``(*spatial_shape, ndim)`` float32, ``grid[x] == x``."""
     spatial_shape = tuple(int(s) for s in spatial_shape)
     if len(spatial_shape) not in (2, 3) or min(spatial_shape) < 1:
-        raise ValueError(
-            f"spatial_shape: expected 2 or 3 positive sizes, got {spatial_shape!r}"
-        )
+        raise ValueError(f"spatial_shape: expected 2 or 3 positive sizes, got {spatial_shape!r}")
     axes = [jnp.arange(s, dtype=jnp.float32) for s in spatial_shape]
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
@@ -180,4 +177,3 @@ def warp(image, displacement, *, order=1, padding="border"):
     else:
         out = _sample_nearest(image, coords)
     return out.reshape((batch,) + tuple(spatial) + (image.shape[-1],))
-
