@@ -1,0 +1,39 @@
+"""Losses: pure functions ``(pred, target, ...) -> scalar``; logits and images are channels-last.
+
+Segmentation (logits (B, *S, C); targets int (B, *S) or one-hot/soft (B, *S, C)):
+``soft_dice_loss``, ``generalized_dice_loss``, ``cross_entropy``, ``soft_cross_entropy``,
+``focal_loss``, ``adaptive_tversky_loss``, ``dice_ce_loss``.
+Similarity: ``mse``, ``local_ncc`` (negative NCC), ``heatmap_mse``.
+Regularisers: ``phi_l1``, ``displacement_l2_gradient``.
+Adversarial: ``wgan_critic_loss``, ``wgan_generator_loss``.
+"""
+
+from medjax.losses.adversarial import wgan_critic_loss, wgan_generator_loss
+from medjax.losses.regularizers import displacement_l2_gradient, phi_l1
+from medjax.losses.segmentation import (
+    adaptive_tversky_loss,
+    cross_entropy,
+    dice_ce_loss,
+    focal_loss,
+    generalized_dice_loss,
+    soft_cross_entropy,
+    soft_dice_loss,
+)
+from medjax.losses.similarity import heatmap_mse, local_ncc, mse
+
+__all__ = [
+    "adaptive_tversky_loss",
+    "cross_entropy",
+    "dice_ce_loss",
+    "displacement_l2_gradient",
+    "focal_loss",
+    "generalized_dice_loss",
+    "heatmap_mse",
+    "local_ncc",
+    "mse",
+    "phi_l1",
+    "soft_cross_entropy",
+    "soft_dice_loss",
+    "wgan_critic_loss",
+    "wgan_generator_loss",
+]
