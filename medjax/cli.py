@@ -1,0 +1,274 @@
+"""The ``medjax`` command: train, evaluate and predict with an experiment, or list experiments.
+
+    medjax train <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
+    medjax eval <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
+    medjax predict --workdir DIR <input files...> --out DIR
+    medjax list
+
+Rerunning ``medjax train`` with the same work directory resumes from its latest checkpoint.
+User errors (unknown experiment, config key or work directory) print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A user error reported as one line on stderr with exit code 2."""
+
+
+def _parser():
+    dist = argparse.ArgumentParser(add_help=False)
+    g = dist.add_argument_group("multi-process (or MEDJAX_COORDINATOR/... or SLURM variables)")
+    g.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    g.add_argument("--num_processes", type=int, default=None)
+    g.add_argument("--process_id", type=int, default=None)
+
+    p = argparse.ArgumentParser(
+        prog="medjax",
+        description="Train, evaluate and apply medjax experiments.",
+        epilog="Config overrides: --config.KEY=VALUE (dotted keys, typed like the config's field).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,predict,list}")
+    sub.required = True
+
+    t = sub.add_parser("train", parents=[dist], help="train (or resume) an experiment")
+    t.add_argument("experiment")
+    t.add_argument("--workdir", required=True, help="output folder; rerun to resume")
+    t.add_argument("--variant", default=None)
+
+    e = sub.add_parser("eval", parents=[dist], help="evaluate the latest checkpoint of a workdir")
+    e.add_argument("experiment")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--variant", default=None)
+
+    r = sub.add_parser("predict", parents=[dist], help="predict input files with a trained workdir")
+    r.add_argument("inputs", nargs="+", help="input image files")
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--out", required=True, help="output folder for the predictions")
+
+    sub.add_parser("list", help="list the experiments with their variants")
+    return p
+
+
+def _split_overrides(parser, extra):
+    """``--config.a.b=1`` / ``--config.a.b 1`` -> ``["a.b=1"]``; anything else is an argparse error."""
+    overrides, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if item.startswith("--config."):
+            key = item[len("--config.") :]
+            if "=" in key:
+                overrides.append(key)
+            elif i + 1 < len(extra):
+                overrides.append(f"{key}={extra[i + 1]}")
+                i += 1
+            else:
+                raise UsageError(f"--config.{key}: expected a value (--config.{key}=VALUE)")
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra[i:])}")
+        i += 1
+    return overrides
+
+
+def _init_distributed(args):
+    from medjax.train.mesh import initialize_distributed
+
+    initialize_distributed(
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+
+
+def _saved_config(workdir: pathlib.Path):
+    path = workdir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _existing_workdir(workdir: pathlib.Path):
+    if not workdir.is_dir():
+        raise UsageError(f"--workdir: expected an existing work directory, got {workdir}")
+    ckpts = workdir / "checkpoints"
+    if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise UsageError(f"--workdir: expected a work directory with checkpoints, got {workdir}")
+
+
+def _resolve_config(name, variant, overrides, workdir: pathlib.Path):
+    """The saved config of ``workdir`` (same experiment) or a fresh one, with ``overrides`` applied."""
+    from medjax.train.config import apply_overrides, config_from_json, load_config, validate_config
+
+    saved = _saved_config(workdir)
+    if saved is not None and saved.get("experiment") not in (None, name):
+        raise UsageError(
+            f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, not {name!r}"
+        )
+    if saved is not None and (variant is None or variant == saved.get("variant")):
+        config = config_from_json(saved)
+        return validate_config(apply_overrides(config, overrides))
+    return load_config(name, variant, overrides)
+
+
+def _restore(spec, config, workdir):
+    import jax
+
+    from medjax.train.checkpoint import abstract_state, restore_state
+    from medjax.train.mesh import make_mesh, replicated
+
+    experiment = spec.build(config)
+    mesh = make_mesh()
+    rng = jax.random.PRNGKey(int(config.seed))
+    abstract = abstract_state(experiment.init_state, replicated(mesh), rng)
+    state, step = restore_state(workdir, abstract)
+    return experiment, state, step
+
+
+def _train(args, overrides):
+    from medjax.train.config import load_config
+    from medjax.train.experiment import load_experiment
+    from medjax.train.loop import fit
+
+    workdir = pathlib.Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir: expected a directory, got the file {workdir}")
+    config = load_config(args.experiment, args.variant, overrides)
+    saved = _saved_config(workdir) if workdir.is_dir() else None
+    if saved is not None and saved.get("experiment") not in (None, args.experiment):
+        raise UsageError(
+            f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, "
+            f"not {args.experiment!r}; use another work directory"
+        )
+    spec = load_experiment(args.experiment)
+    _init_distributed(args)
+    _, summary = fit(spec.build(config), config, workdir)
+    metrics = " ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
+    print(f"done: step {summary['step']}/{summary['num_steps']} {metrics} -> {workdir}")
+    return EXIT_INTERRUPTED if summary["interrupted"] else 0
+
+
+def _eval(args, overrides):
+    import jax
+
+    from medjax.train.experiment import load_experiment
+
+    workdir = pathlib.Path(args.workdir)
+    _existing_workdir(workdir)
+    config = _resolve_config(args.experiment, args.variant, overrides, workdir)
+    spec = load_experiment(args.experiment)
+    _init_distributed(args)
+    experiment, state, step = _restore(spec, config, workdir)
+    results = experiment.evaluate(state, workdir)
+    if not isinstance(results, dict):
+        raise TypeError(f"evaluate(): expected a dict, got {type(results).__name__}")
+    record = {
+        "experiment": args.experiment,
+        "variant": config.get("variant"),
+        "checkpoint_step": step,
+        **results,
+    }
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(json.dumps(record, default=str))
+    return 0
+
+
+def _predict(args, overrides):
+    from medjax.train.config import config_from_json
+    from medjax.train.experiment import Experiment, load_experiment
+
+    if overrides:
+        raise UsageError(
+            "predict: --config overrides are not accepted (the workdir's config is used)"
+        )
+    workdir = pathlib.Path(args.workdir)
+    _existing_workdir(workdir)
+    saved = _saved_config(workdir)
+    if saved is None or not saved.get("experiment"):
+        raise UsageError(f"--workdir: expected {workdir}/config.json naming the experiment")
+    missing = [p for p in args.inputs if not pathlib.Path(p).is_file()]
+    if missing:
+        raise UsageError(f"inputs: expected existing files, missing {', '.join(missing)}")
+    spec = load_experiment(saved["experiment"])
+    if spec.Experiment.predict is Experiment.predict:
+        raise UsageError(f"experiment {spec.name!r} does not implement predict")
+    config = config_from_json(saved)
+    _init_distributed(args)
+    experiment, state, step = _restore(spec, config, workdir)
+    written = experiment.predict(
+        state, [pathlib.Path(p) for p in args.inputs], pathlib.Path(args.out)
+    )
+    for path in written or ():
+        print(path)
+    return 0
+
+
+def _list(args, overrides):
+    from medjax.train.experiment import (
+        describe,
+        find_experiments_dir,
+        list_experiments,
+        load_config_module,
+    )
+
+    names = list_experiments()
+    if not names:
+        print(f"no experiments found in {find_experiments_dir()}")
+        return 0
+    width = max(len(n) for n in names)
+    for name in names:
+        try:
+            module = load_config_module(name)
+            variants = ", ".join(getattr(module, "VARIANTS", ())) or "-"
+            text = describe(module)
+        except Exception as e:  # one broken experiment must not hide the others
+            variants, text = "?", f"(config does not load: {type(e).__name__}: {e})"
+        print(f"{name:<{width}}  [{variants}]  {text}")
+    return 0
+
+
+_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "list": _list}
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run the ``medjax`` command line; returns the exit code."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = _split_overrides(parser, extra)
+        if args.command == "list" and overrides:
+            raise UsageError("list: --config overrides are not accepted")
+        return _COMMANDS[args.command](args, overrides)
+    except KeyboardInterrupt:
+        print("medjax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        from medjax.train.config import ConfigError
+        from medjax.train.experiment import ExperimentNotFoundError
+
+        if isinstance(e, UsageError | ConfigError | ExperimentNotFoundError):
+            print(f"medjax: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        from medjax.train.loop import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):
+            print(f"medjax: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
