@@ -7,6 +7,15 @@ _LAZY = {
     "Image": "medjax.data.io",
     "load_image": "medjax.data.io",
     "save_image": "medjax.data.io",
+    "DataFileError": "medjax.data.io",
+    "load_label": "medjax.data.io",
+    "check_pair": "medjax.data.io",
+    "load_record": "medjax.data.datasets",
+    "split": "medjax.data.datasets",
+    "kfold": "medjax.data.datasets",
+    "make_iterator": "medjax.data.pipeline",
+    "FunctionSource": "medjax.data.pipeline",
+    "RecordSource": "medjax.data.pipeline",
 }
 
 
