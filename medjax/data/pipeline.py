@@ -170,13 +170,15 @@ class BatchIterator:
                     f"state: saved {key}={state.get(key)!r} does not match this pipeline's {value!r}"
                 )
         nb = state["next_batch"]
+        if isinstance(nb, float | np.floating) and float(nb).is_integer():
+            nb = int(nb)  # tolerate JSON round trips that turned the integer into a float
         if (
-            not isinstance(nb, int)
+            not isinstance(nb, int | np.integer)
             or nb < 0
             or (self.num_batches is not None and nb > self.num_batches)
         ):
             raise ValueError(f"state: next_batch must be in [0, {self.num_batches}], got {nb!r}")
-        self._it.set_state({"next_index": nb})
+        self._it.set_state({"next_index": int(nb)})
 
     def close(self) -> None:
         """Stops the prefetch threads."""
