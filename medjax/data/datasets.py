@@ -142,7 +142,8 @@ def brats_records(root, *, modalities: Sequence[str] = BRATS_MODALITIES) -> list
 
     Handles 2018-2021 (``Case/Case_{flair,t1,t1ce,t2,seg}.nii.gz``) and 2023+
     (``Case/Case-{t1c,t1n,t2f,t2w,seg}.nii.gz``). ``image`` lists ``modalities`` (canonical names, in
-    that order, default :data:`BRATS_MODALITIES`); ``label`` is the seg file or None; ``meta`` has
+    that order, default :data:`BRATS_MODALITIES`); ``label`` is the seg file (or a single ``*_Segm.nii``
+    as in BraTS 2020 case 355) or None; ``meta`` has
     ``format`` ("2018-2021" or "2023"), ``grade``, ``modalities`` and ``label_map``.
     """
     root = _root(root)
@@ -174,6 +175,14 @@ def brats_records(root, *, modalities: Sequence[str] = BRATS_MODALITIES) -> list
                 fmt = "2023" if rest[0] == "-" else "2018-2021"
         if fmt is None:
             continue
+        if "seg" not in files:  # BraTS 2020 case 355 ships "W39_1998.09.19_Segm.nii"
+            segs = [
+                f
+                for f in case_dir.iterdir()
+                if f.is_file() and re.search(r"_seg[a-z]*\.nii(\.gz)?$", f.name.lower())
+            ]
+            if len(segs) == 1:
+                files["seg"] = segs[0]
         missing = [m for m in modalities if m not in files]
         if missing:
             raise DataFileNotFoundError(f"{case_dir}: BraTS case {case} lacks modalities {missing}")

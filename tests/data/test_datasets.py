@@ -58,9 +58,17 @@ def test_brats_2021_with_grades(tmp_path):
     np.testing.assert_array_equal(label, expected)
     assert label.dtype == np.int32
     np.testing.assert_allclose(affine, AFF)
-    t1_only = ds.brats_records(tmp_path, modalities=("t1",))
-    assert len(t1_only[0]["image"]) == 1 and t1_only[0]["image"][0].endswith("_t1.nii.gz")
-    assert ds.load_record(t1_only[0])[0].shape == (*SHAPE, 1)
+    # BraTS 2020 case 355 ships its segmentation under another name
+    odd = tmp_path / "BraTS20_Training_355"
+    for mod in ["flair", "t1", "t1ce", "t2"]:
+        _nii(odd / f"BraTS20_Training_355_{mod}.nii", np.zeros(SHAPE, np.float32))
+    _nii(odd / "W39_1998.09.19_Segm.nii", raw["Brats18_2013_2_1"])
+    odd_rec = next(r for r in ds.brats_records(tmp_path) if r["id"] == "BraTS20_Training_355")
+    assert odd_rec["label"].endswith("W39_1998.09.19_Segm.nii") and odd_rec["meta"]["grade"] is None
+    t1_only = {r["id"]: r for r in ds.brats_records(tmp_path, modalities=("t1",))}
+    rec = t1_only["Brats18_2013_2_1"]
+    assert len(rec["image"]) == 1 and rec["image"][0].endswith("_t1.nii.gz")
+    assert ds.load_record(rec)[0].shape == (*SHAPE, 1)
 
 
 def test_brats_2023_and_errors(tmp_path):
