@@ -1,5 +1,6 @@
 """Deformation-quality metrics: Jacobian determinant of a displacement field and folding fraction."""
 
+import jax
 import jax.numpy as jnp
 
 from medjax.metrics._checks import check_displacement
@@ -17,7 +18,11 @@ def jacobian_determinant(disp):
     """
     disp = jnp.asarray(disp)
     check_displacement(disp)
-    disp = disp.astype(jnp.float32)
+    return _jacobian_determinant(disp.astype(jnp.float32))
+
+
+@jax.jit
+def _jacobian_determinant(disp):
     ndim = disp.ndim - 2
     g = spatial_gradient(disp, mode="central")  # g[..., i, j] = d u_i / d x_j
     jac = [[g[..., i, j] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)]

@@ -1,5 +1,8 @@
 """Overlap metrics on integer label maps: per-class Dice (MONAI semantics) and the confusion matrix."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from medjax.metrics._checks import check_label_maps
@@ -17,6 +20,11 @@ def dice(pred, target, *, num_classes, include_background=False, ignore_empty=Tr
     pred = jnp.asarray(pred)
     target = jnp.asarray(target)
     check_label_maps(pred, target, num_classes)
+    return _dice(pred, target, num_classes, include_background, ignore_empty)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _dice(pred, target, num_classes, include_background, ignore_empty):
     p = one_hot(pred.astype(jnp.int32), num_classes).astype(jnp.float32)
     t = one_hot(target.astype(jnp.int32), num_classes).astype(jnp.float32)
     if not include_background:

@@ -6,7 +6,10 @@ Both follow MONAI's ``HausdorffDistanceMetric`` / ``SurfaceDistanceMetric`` (euc
   the image border count as surface);
 * distances are exact Euclidean distances, in physical units through ``spacing``, from each surface
   voxel of one mask to the nearest surface voxel of the other;
-* empty-mask conventions: both masks empty -> NaN; exactly one empty -> inf.
+* empty-mask conventions: both masks empty -> NaN; exactly one empty -> inf for the maximum
+  Hausdorff distance and the ASSD, but NaN for a percentile Hausdorff distance (MONAI interpolates
+  between infinite distances in ``torch.quantile``, which gives NaN; medjax keeps that result so that
+  aggregates agree with MONAI's).
 """
 
 import numpy as np
@@ -45,7 +48,7 @@ def _directed(src_edges, dst_edges, sampling):
     return dist[src_edges]
 
 
-def _pairwise(pred, target, num_classes, spacing, include_background, fn):
+def _pairwise(pred, target, num_classes, spacing, include_background, fn, one_empty):
     pred = np.asarray(pred)
     target = np.asarray(target)
     check_label_maps(pred, target, num_classes)
@@ -60,7 +63,7 @@ def _pairwise(pred, target, num_classes, spacing, include_background, fn):
             if not pe.any() and not te.any():
                 out[b, k] = np.nan
             elif not pe.any() or not te.any():
-                out[b, k] = np.inf
+                out[b, k] = one_empty
             else:
                 out[b, k] = fn(_directed(pe, te, spacings[b]), _directed(te, pe, spacings[b]))
     return out
@@ -74,7 +77,9 @@ def hausdorff_distance(
     ``max(q-th percentile of d(P->T), q-th percentile of d(T->P))`` over surface voxels (linear
     interpolation between ranks, as ``torch.quantile``); ``percentile=None`` gives the maximum
     (classic Hausdorff). C = num_classes, minus 1 without background. ``spacing``: None (1 per axis),
-    a number, one value per spatial axis, or (B, ndim). NaN when both masks are empty, inf when one is.
+    a number, one value per spatial axis, or (B, ndim). Both masks empty -> NaN; exactly one empty ->
+    inf when ``percentile`` is None, NaN otherwise (MONAI's results; see the module docstring).
+    (MONAI also treats ``percentile=0`` as the maximum; medjax gives the 0th percentile.)
     """
     if percentile is not None and not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be None or in [0, 100]; got {percentile}")
@@ -84,7 +89,8 @@ def hausdorff_distance(
             return max(d_pt.max(), d_tp.max())
         return max(np.percentile(d_pt, percentile), np.percentile(d_tp, percentile))
 
-    return _pairwise(pred, target, num_classes, spacing, include_background, fn)
+    one_empty = np.inf if percentile is None else np.nan
+    return _pairwise(pred, target, num_classes, spacing, include_background, fn, one_empty)
 
 
 def surface_distance(
@@ -94,7 +100,7 @@ def surface_distance(
 
     ``symmetric=True`` (ASSD): the mean over the union of both directed distance sets
     d(P->T) and d(T->P); ``symmetric=False``: the mean of d(P->T). Units, spacing, C and the
-    empty-mask conventions as in :func:`hausdorff_distance`.
+    empty-mask conventions (both empty -> NaN, one empty -> inf) as in the module docstring.
     """
 
     def fn(d_pt, d_tp):
@@ -102,4 +108,4 @@ def surface_distance(
             return np.concatenate([d_pt, d_tp]).mean()
         return d_pt.mean()
 
-    return _pairwise(pred, target, num_classes, spacing, include_background, fn)
+    return _pairwise(pred, target, num_classes, spacing, include_background, fn, np.inf)
