@@ -7,8 +7,13 @@ displacement never builds the image gradient (no scatter-add), and differentiati
 the exact transpose (a scatter-add of the corner weights).
 """
 
+import functools
+import itertools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 __all__ = ["warp", "identity_grid", "displacement_to_grid", "grid_to_displacement"]
 
@@ -62,65 +67,147 @@ def _strides(shape):
     return tuple(reversed(strides))
 
 
-def _gather_channels(image, index):
-    """``image[b, index[b, p], c]`` as scalar gathers: image (B, N, C), index (B, P) -> (B, P, C).
+def _cell(disp, spatial, offset):
+    """Lower-corner flat index, corner fractions and in-range masks of every sample.
 
-    XLA's CPU gather is several times faster for scalar rows than for wider rows, so the image is
-    viewed channel-first and flattened, and every (batch, point, channel) reads one scalar.
+    disp (B, *G, ndim) voxels, sampling an image of spatial shape ``spatial`` at
+    ``x + offset + disp(x)``. Returns index (B, *G) int32 into the image flattened per batch
+    (the batch offset is not included), fracs and masks: ndim arrays (B, *G).
     """
-    b, n, c = image.shape
+    strides = _strides(spatial)
+    index, fracs, inside = 0, [], []
+    for k, n in enumerate(spatial):
+        pos = jax.lax.broadcasted_iota(disp.dtype, disp.shape[:-1], 1 + k)
+        c = disp[..., k] + (pos + offset)
+        cc = jnp.clip(c, 0.0, float(n - 1))
+        lo = jnp.clip(jnp.floor(cc), 0.0, float(max(n - 2, 0)))
+        fracs.append(cc - lo)
+        inside.append((c >= 0.0) & (c <= float(n - 1)))
+        index = index + lo.astype(jnp.int32) * strides[k]
+    return index, fracs, inside
+
+
+def _corner_offsets(spatial):
+    """Flat offsets of the 2**ndim cell corners, bit order (axis 0 bit first).
+
+    The lower corner is at most n - 2 on every axis, so the upper corner is index + stride. A
+    size-1 axis always has fraction 0, so its upper corner reuses the lower one.
+    """
+    strides = _strides(spatial)
+    return {
+        bits: sum(bit * strides[k] for k, bit in enumerate(bits) if spatial[k] > 1)
+        for bits in itertools.product((0, 1), repeat=len(spatial))
+    }
+
+
+def _channel_table(image):
+    """Image (B, *S, C) as a flat channel-first vector and the per-(batch, channel) base index.
+
+    XLA's CPU gather/scatter is several times faster for scalar elements than for rows, so every
+    (sample, channel) reads one scalar of this table.
+    """
+    b, c = image.shape[0], image.shape[-1]
+    n = math.prod(image.shape[1:-1])
+    ndim = image.ndim - 2
     if c == 1:
         table = image.reshape(b * n)
-        full = index + (jnp.arange(b, dtype=index.dtype) * n)[:, None]
-        return table.at[full].get(mode="promise_in_bounds")[..., None]
-    table = jnp.swapaxes(image, 1, 2).reshape(b * c * n)
-    base = (jnp.arange(b, dtype=index.dtype)[:, None] * c + jnp.arange(c, dtype=index.dtype)) * n
-    full = index[:, :, None] + base[:, None, :]
-    return table.at[full].get(mode="promise_in_bounds")
+        base = (jnp.arange(b, dtype=jnp.int32) * n).reshape((b,) + (1,) * ndim + (1,))
+    else:
+        table = jnp.moveaxis(image, -1, 1).reshape(b * c * n)
+        base = jnp.arange(b, dtype=jnp.int32)[:, None] * c + jnp.arange(c, dtype=jnp.int32)
+        base = (base * n).reshape((b,) + (1,) * ndim + (c,))
+    return table, base
 
 
-def _sample_linear(image, coords):
-    """Linear sampling with clamped coordinates. image (B, *S, C), coords (B, P, ndim) -> (B, P, C)."""
+def _lerp_tree(corner, fracs, ndim, prefix=()):
+    """Multilinear interpolation of the corners ``corner(bits)`` (innermost axis reduced first)."""
+    k = len(prefix)
+    if k == ndim:
+        return corner(prefix)
+    lower = _lerp_tree(corner, fracs, ndim, prefix + (0,))
+    upper = _lerp_tree(corner, fracs, ndim, prefix + (1,))
+    # (1 - f) * lower + f * upper is exact at f == 0 and f == 1 (identity warps stay exact).
+    return (1.0 - fracs[k]) * lower + fracs[k] * upper
+
+
+def _gather_lerp(table, full, offsets, fracs, ndim):
+    """Multilinear combination of the gathered corners ``table[full + offset]``: (B, *G, C)."""
+
+    def corner(bits):
+        return table.at[full + offsets[bits]].get(mode="promise_in_bounds")
+
+    return _lerp_tree(corner, fracs, ndim)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _warp_linear(image, disp, offset):
+    """Linear sampling of image (B, *S, C) at ``x + offset + disp(x)``, disp (B, *G, ndim)."""
+    spatial = image.shape[1:-1]
+    index, fracs, _ = _cell(disp, spatial, offset)
+    table, base = _channel_table(image)
+    fr = [f[..., None].astype(image.dtype) for f in fracs]
+    return _gather_lerp(table, index[..., None] + base, _corner_offsets(spatial), fr, len(spatial))
+
+
+def _is_zero(t):
+    return isinstance(t, SymbolicZero)
+
+
+def _warp_linear_jvp(offset, primals, tangents):
+    # The tangent is linear in (image_dot, disp_dot), so reverse mode is its transpose: a
+    # scatter-add for the image (only when the image is differentiated) and an elementwise product
+    # with the saved corner differences for the displacement (no second gather).
+    image, disp = primals
+    image_dot, disp_dot = tangents
     spatial = image.shape[1:-1]
     ndim = len(spatial)
-    b, c = image.shape[0], image.shape[-1]
-    strides = _strides(spatial)
-    lo, frac = [], []
-    for k, n in enumerate(spatial):
-        ck = jnp.clip(coords[..., k], 0.0, float(n - 1))
-        ik = jnp.clip(jnp.floor(ck), 0.0, float(max(n - 2, 0)))
-        lo.append(ik.astype(jnp.int32))
-        frac.append((ck - ik)[..., None])
-    index = sum(lo[k] * strides[k] for k in range(ndim))
-    flat = image.reshape(b, -1, c)
+    index, fracs, inside = _cell(disp, spatial, offset)
+    table, base = _channel_table(image)
+    full = index[..., None] + base
+    offsets = _corner_offsets(spatial)
+    fr = [f[..., None].astype(image.dtype) for f in fracs]
+    vals = {
+        bits: table.at[full + off].get(mode="promise_in_bounds") for bits, off in offsets.items()
+    }
+    out = _lerp_tree(lambda bits: vals[bits], fr, ndim)
 
-    # Gather the 2**ndim cell corners. The lower corner index is at most n - 2 on every axis, so the
-    # upper corner is index + stride. A size-1 axis has fraction 0: reuse the lower corner there.
-    def corner(bits):
-        off = sum(bit * strides[k] for k, bit in enumerate(bits) if spatial[k] > 1)
-        return _gather_channels(flat, index + off)
+    out_dot = None
+    if not _is_zero(disp_dot):
+        for k in range(ndim):
+            others = [fr[j] for j in range(ndim) if j != k]
 
-    def reduce(prefix):
-        k = len(prefix)
-        if k == ndim:
-            return corner(prefix)
-        lower = reduce(prefix + (0,))
-        upper = reduce(prefix + (1,))
-        return lower + frac[k] * (upper - lower)
+            def diff(bits, k=k):
+                return vals[bits[:k] + (1,) + bits[k:]] - vals[bits[:k] + (0,) + bits[k:]]
 
-    return reduce(())
+            dk = _lerp_tree(diff, others, ndim - 1)
+            step = jnp.where(inside[k], disp_dot[..., k], 0.0).astype(image.dtype)
+            term = dk * step[..., None]
+            out_dot = term if out_dot is None else out_dot + term
+    if not _is_zero(image_dot):
+        table_dot, _ = _channel_table(image_dot)
+        term = _gather_lerp(table_dot, full, offsets, fr, ndim)
+        out_dot = term if out_dot is None else out_dot + term
+    if out_dot is None:
+        out_dot = jnp.zeros_like(out)
+    return out, out_dot
 
 
-def _sample_nearest(image, coords):
+_warp_linear.defjvp(_warp_linear_jvp, symbolic_zeros=True)
+
+
+def _warp_nearest(image, disp, offset):
     """Nearest-neighbour sampling (round half to even, like torch) with clamped coordinates."""
     spatial = image.shape[1:-1]
-    b, c = image.shape[0], image.shape[-1]
     strides = _strides(spatial)
+    disp = jax.lax.stop_gradient(disp)
     index = 0
     for k, n in enumerate(spatial):
-        ik = jnp.clip(jnp.round(jax.lax.stop_gradient(coords[..., k])), 0.0, float(n - 1))
-        index = index + ik.astype(jnp.int32) * strides[k]
-    return _gather_channels(image.reshape(b, -1, c), index)
+        pos = jax.lax.broadcasted_iota(disp.dtype, disp.shape[:-1], 1 + k)
+        c = jnp.clip(jnp.round(disp[..., k] + (pos + offset)), 0.0, float(n - 1))
+        index = index + c.astype(jnp.int32) * strides[k]
+    table, base = _channel_table(image)
+    out = table.at[index[..., None] + base].get(mode="promise_in_bounds")
+    return out
 
 
 def warp(image, displacement, *, order=1, padding="border"):
@@ -166,14 +253,12 @@ def warp(image, displacement, *, order=1, padding="border"):
     if image.shape[0] != batch:
         image = jnp.broadcast_to(image, (batch,) + image.shape[1:])
 
-    coords = displacement + identity_grid(spatial).astype(displacement.dtype)
     if padding == "zeros":
         # One zero voxel on every side turns "zeros" into "border" on the padded image.
         image = jnp.pad(image, [(0, 0)] + [(1, 1)] * ndim + [(0, 0)])
-        coords = coords + 1.0
-    coords = coords.reshape(batch, -1, ndim)
-    if order == 1:
-        out = _sample_linear(image, coords)
+        offset = 1.0
     else:
-        out = _sample_nearest(image, coords)
-    return out.reshape((batch,) + tuple(spatial) + (image.shape[-1],))
+        offset = 0.0
+    if order == 1:
+        return _warp_linear(image, displacement, offset)
+    return _warp_nearest(image, displacement, offset)
