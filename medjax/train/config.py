@@ -25,8 +25,17 @@ __all__ = [
 
 #: fields every experiment config must define (the engine reads them).
 REQUIRED_FIELDS = ("seed", "num_steps", "batch_size", "checkpoint_every")
-#: engine fields with defaults when a config leaves them out.
-DEFAULT_FIELDS = {"log_every": 50, "eval_every": 0}
+#: engine fields with defaults when a config leaves them out (so they can be overridden).
+DEFAULT_FIELDS = {
+    "log_every": 50,
+    "eval_every": 0,
+    "keep_checkpoints": 3,
+    "keep_best": 1,
+    "async_checkpoint": True,
+    "tensorboard": True,
+    "reduce_on_plateau": None,
+    "early_stopping": None,
+}
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -149,13 +158,22 @@ def validate_config(config):
         for k, v in DEFAULT_FIELDS.items():
             if k not in config:
                 config[k] = v
-    for k in ("num_steps", "batch_size", "checkpoint_every", "log_every", "eval_every", "seed"):
+    for k in (
+        "num_steps",
+        "batch_size",
+        "checkpoint_every",
+        "log_every",
+        "eval_every",
+        "seed",
+        "keep_checkpoints",
+        "keep_best",
+    ):
         v = config[k]
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"config.{k}: expected an int, got {v!r}")
-        if k in ("batch_size", "log_every") and v < 1:
+        if k in ("batch_size", "log_every", "keep_checkpoints") and v < 1:
             raise ConfigError(f"config.{k}: expected >= 1, got {v}")
-        if k in ("num_steps", "checkpoint_every", "eval_every") and v < 0:
+        if k in ("num_steps", "checkpoint_every", "eval_every", "keep_best") and v < 0:
             raise ConfigError(f"config.{k}: expected >= 0, got {v}")
     return config
 
@@ -181,6 +199,9 @@ def load_config(name: str, variant=None, overrides=(), *, directory=None):
     with config.unlocked():
         config.experiment = name
         config.variant = variant
+        for k, v in DEFAULT_FIELDS.items():
+            if k not in config:
+                config[k] = v
     config = apply_overrides(config, overrides)
     return validate_config(config)
 

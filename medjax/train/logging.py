@@ -38,6 +38,7 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
 
     def truncate_after(self, step: int):
         """Drop lines logged after ``step`` (a resumed run re-logs them); a no-op without a file."""

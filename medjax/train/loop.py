@@ -236,9 +236,12 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
         )
         last_saved = at_step
 
+    if stopper is not None and stopper.should_stop:
+        stopped_early = True
+        progress.line(f"early stopping was reached at step {start}; nothing to do")
     try:
         with _SigintFlag(progress) as sigint:
-            while step < num_steps:
+            while step < num_steps and not stopped_early:
                 if sigint.requested:
                     interrupted = True
                     break

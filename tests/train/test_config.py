@@ -189,7 +189,7 @@ def test_discovery_and_loading(tmp_path, monkeypatch):
     # sibling modules of two experiments with the same file names do not collide
     assert spec.Experiment.value == 42 and load_experiment("other").Experiment.value == 7
     c = load_config("demo", "a")
-    assert (c.log_every, c.eval_every) == (50, 0)  # engine defaults filled in
+    assert (c.log_every, c.eval_every, c.keep_checkpoints) == (50, 0, 3)  # engine defaults
     with pytest.raises(ExperimentNotFoundError) as e:
         load_experiment("dmeo")
     assert "unknown experiment 'dmeo'" in str(e.value) and "available: demo, other" in str(e.value)

@@ -1,6 +1,7 @@
 """Toy experiment: a Dense layer fitting y = x @ w_true + noise from a counter-based iterator."""
 
 import pathlib
+import time
 
 import flax.linen as nn
 import jax
@@ -13,9 +14,9 @@ import medjax.train as mt
 class ToyIterator:
     """Batch ``i`` is drawn from ``default_rng([seed, i])``: resuming at ``i`` replays the same data."""
 
-    def __init__(self, seed, batch_size, features, noise, nan_at_step=-1):
+    def __init__(self, seed, batch_size, features, noise, nan_at_step=-1, sleep=0.0):
         self.seed, self.batch_size, self.features = seed, batch_size, features
-        self.noise, self.nan_at_step = noise, nan_at_step
+        self.noise, self.nan_at_step, self.sleep = noise, nan_at_step, sleep
         self.index = 0
         self.w_true = np.random.default_rng(seed + 1000).normal(size=(features, 1))
 
@@ -23,6 +24,8 @@ class ToyIterator:
         return self
 
     def __next__(self):
+        if self.sleep:
+            time.sleep(self.sleep)
         rng = np.random.default_rng([self.seed, self.index])
         n = self.batch_size // jax.process_count()
         x = rng.normal(size=(self.batch_size, self.features)).astype(np.float32)
@@ -73,7 +76,9 @@ class Experiment(mt.Experiment):
 
     def train_iterator(self):
         c = self.config
-        return ToyIterator(c.seed, c.batch_size, c.features, c.noise, c.nan_at_step)
+        return ToyIterator(
+            c.seed, c.batch_size, c.features, c.noise, c.nan_at_step, c.sleep_per_batch
+        )
 
     def _val_loss(self, state):
         it = ToyIterator(self.config.seed + 7, 64, self.config.features, 0.0)

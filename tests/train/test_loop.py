@@ -1,0 +1,213 @@
+"""The training loop (medjax/train/loop.py) with a tiny toy experiment."""
+
+import io
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from medjax.train import fit, load_config, load_experiment, make_mesh, replicated
+from medjax.train.checkpoint import CheckpointManager, abstract_state, restore_state
+from medjax.train.logging import read_metrics
+from medjax.train.loop import NonFiniteLossError
+from medjax.train.optim import get_lr_scale
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TOY = pathlib.Path(__file__).parent / "toy_experiments"
+
+
+def _run(workdir, *overrides, stream=None, interactive=False):
+    cfg = load_config("toy", None, list(overrides), directory=TOY)
+    exp = load_experiment("toy", directory=TOY).build(cfg)
+    out = io.StringIO() if stream is None else stream
+    return fit(exp, cfg, workdir, interactive=interactive, stream=out)
+
+
+def _restore(workdir, step=None, **overrides):
+    cfg = load_config("toy", None, directory=TOY)
+    exp = load_experiment("toy", directory=TOY).build(cfg)
+    ab = abstract_state(exp.init_state, replicated(make_mesh()), jax.random.PRNGKey(cfg.seed))
+    return restore_state(workdir, ab, step=step)[0]
+
+
+def _toy_batch(index, seed=0, batch=8, features=4, noise=0.1):
+    """Batch ``index`` of the toy iterator, regenerated independently with NumPy."""
+    w_true = np.random.default_rng(seed + 1000).normal(size=(features, 1))
+    rng = np.random.default_rng([seed, index])
+    x = rng.normal(size=(batch, features)).astype(np.float32)
+    y = (x @ w_true + noise * rng.normal(size=(batch, 1))).astype(np.float32)
+    return x, y
+
+
+def _mse(params, x, y):
+    pred = x.astype(np.float64) @ np.asarray(params["kernel"], np.float64) + np.asarray(
+        params["bias"], np.float64
+    )
+    return float(np.mean((pred - y) ** 2))
+
+
+def test_interrupted_run_ends_bit_identical(tmp_path):
+    common = [
+        "checkpoint_every=4",
+        "eval_every=2",
+        "val_values=(3.0, 2.0, 2.5, 2.6, 2.7, 1.0)",
+        "reduce_on_plateau={'factor': 0.5, 'patience': 0}",
+    ]
+    full, s_full = _run(tmp_path / "full", "num_steps=12", *common)
+    _, s_half = _run(tmp_path / "split", "num_steps=6", *common)
+    assert (s_half["step"], s_half["checkpoint_step"]) == (6, 6)
+    resumed, s_res = _run(tmp_path / "split", "num_steps=12", *common)
+    assert (s_res["start_step"], s_res["step"]) == (6, 12)
+
+    a, b = jax.tree.leaves(full), jax.tree.leaves(resumed)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # the plateau counters survived the interruption: 2.5, 2.6 and 2.7 each halved the lr
+    assert get_lr_scale(full.opt_state) == get_lr_scale(resumed.opt_state) == 0.125
+    la = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    lb = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert la == lb
+    assert [r["step"] for r in la if r["split"] == "train"] == list(range(1, 13))
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    a, _ = _run(tmp_path / "a", "num_steps=3")
+    b, _ = _run(tmp_path / "b", "num_steps=3")
+    c, _ = _run(tmp_path / "c", "num_steps=3", "seed=1")
+    np.testing.assert_array_equal(np.asarray(a.params["kernel"]), np.asarray(b.params["kernel"]))
+    assert not np.array_equal(np.asarray(a.params["kernel"]), np.asarray(c.params["kernel"]))
+
+
+def test_metrics_jsonl_format_and_values(tmp_path):
+    _, summary = _run(tmp_path, "num_steps=5", "log_every=2", "eval_every=2", "checkpoint_every=2")
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [2, 4, 5]  # every log_every steps and the last one
+    assert [r["step"] for r in val] == [2, 4]
+    for r in train:
+        assert set(r) == {"step", "split", "loss", "mae"}
+        assert isinstance(r["step"], int) and np.isfinite(r["loss"])
+    assert set(val[0]) == {"step", "split", "val_loss"}
+    # the loss logged at step 5 is the MSE of the step-4 parameters on batch index 4
+    params4 = jax.device_get(_restore(tmp_path, step=4).params)
+    np.testing.assert_allclose(train[-1]["loss"], _mse(params4, *_toy_batch(4)), rtol=1e-5)
+    assert summary["metrics"]["loss"] == train[-1]["loss"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["experiment"], cfg["num_steps"], cfg["log_every"]) == ("toy", 5, 2)
+
+
+@pytest.mark.parametrize(
+    ("nan_at", "log_every", "last_good"),
+    [(5, 3, 4), (4, 100, 2)],  # detected at a log step / at a checkpoint step
+)
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good(tmp_path, nan_at, log_every, last_good):
+    with pytest.raises(NonFiniteLossError) as e:
+        _run(tmp_path, f"nan_at_step={nan_at}", f"log_every={log_every}", "checkpoint_every=2")
+    msg = str(e.value)
+    assert f"non-finite loss at step {nan_at} " in msg
+    assert f"last good checkpoint: step {last_good}" in msg
+    m = CheckpointManager(tmp_path / "checkpoints")
+    assert m.latest_step() == last_good
+    m.close()
+    state = _restore(tmp_path)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(r["step"] < nan_at for r in logged)
+
+
+def test_best_checkpoint_retention(tmp_path):
+    _, summary = _run(
+        tmp_path,
+        "num_steps=6",
+        "eval_every=1",
+        "checkpoint_every=1",
+        "keep_checkpoints=2",
+        "val_values=(5.0, 1.0, 4.0, 6.0, 7.0, 8.0)",
+    )
+    assert summary["best_step"] == 2
+    m = CheckpointManager(tmp_path / "checkpoints")
+    assert m.all_steps() == [2, 5, 6]  # the best plus the latest two
+    m.close()
+
+
+def test_early_stopping_and_rerun_after_it(tmp_path):
+    common = [
+        "num_steps=10",
+        "eval_every=1",
+        "checkpoint_every=5",
+        "val_values=(1.0, 2.0, 3.0, 4.0)",
+        "early_stopping={'patience': 2}",
+    ]
+    _, summary = _run(tmp_path, *common)
+    assert summary["stopped_early"] and summary["step"] == 3
+    assert summary["checkpoint_step"] == 3
+    _, again = _run(tmp_path, *common)
+    assert again["stopped_early"] and again["step"] == 3 and again["start_step"] == 3
+
+
+def test_plain_progress_lines(tmp_path):
+    out = io.StringIO()
+    _run(tmp_path, "num_steps=4", "log_every=2", stream=out)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("step ")]
+    pattern = r"step {s}/4 \({p}%\) loss \S+ mae \S+ \| \S+ steps/s \| ETA \d+:\d\d:\d\d"
+    assert re.fullmatch(pattern.format(s=2, p=50), lines[0]), lines
+    assert re.fullmatch(pattern.format(s=4, p=100), lines[1]), lines
+    assert "\r" not in out.getvalue()
+    out = io.StringIO()
+    _run(tmp_path, "num_steps=6", "log_every=2", stream=out)
+    assert out.getvalue().splitlines()[0] == f"resuming {tmp_path.resolve()} from step 4"
+
+
+def test_interactive_progress_bar(tmp_path):
+    out = io.StringIO()
+    _run(tmp_path, "num_steps=3", stream=out, interactive=True)
+    text = out.getvalue()
+    assert "\r" in text and "3/3" in text and "loss" in text
+    assert not re.search(r"^step \d+/3", text, flags=re.M)
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    env = {**os.environ, "MEDJAX_EXPERIMENTS_DIR": str(TOY)}
+    cmd = [sys.executable, "-m", "medjax.cli", "train", "toy", "--workdir", str(tmp_path)]
+    args = [
+        "--config.num_steps=20",
+        "--config.sleep_per_batch=0.2",
+        "--config.checkpoint_every=100",
+    ]
+    proc = subprocess.Popen(
+        cmd + args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line.rstrip())
+            if line.startswith("step 2/20"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    seen += rest.splitlines()
+    assert proc.returncode == 130, seen
+    assert not any("Traceback" in s for s in seen), seen
+    stopped = [s for s in seen if s.startswith("stopped at step")]
+    assert stopped, seen
+    n = int(stopped[0].split()[3].rstrip(";"))
+    assert 2 <= n < 20
+    m = CheckpointManager(tmp_path / "checkpoints")
+    assert m.all_steps() == [n]
+    m.close()
+    _, summary = _run(tmp_path, "num_steps=20", "checkpoint_every=100")
+    assert (summary["start_step"], summary["step"]) == (n, 20)
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 21))
