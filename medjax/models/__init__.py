@@ -5,6 +5,7 @@ import importlib
 # public name -> module that defines it; add a line when you add a model file.
 _LAZY = {
     "UniverSeg": "medjax.models.universeg",
+    "UniverSeg3D": "medjax.models.universeg",
 }
 
 

@@ -6,6 +6,8 @@ import importlib
 _LAZY = {
     "CrossConv": "medjax.nn.cross",
     "CrossBlock": "medjax.nn.cross",
+    "CrossConv3D": "medjax.nn.cross",
+    "CrossBlock3D": "medjax.nn.cross",
 }
 
 
