@@ -136,7 +136,6 @@ def _restore(spec, config, workdir):
 def _train(args, overrides):
     from medjax.train.config import load_config
     from medjax.train.experiment import load_experiment
-    from medjax.train.loop import fit
 
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
@@ -150,6 +149,8 @@ def _train(args, overrides):
         )
     spec = load_experiment(args.experiment)
     _init_distributed(args)
+    from medjax.train.loop import fit
+
     _, summary = fit(spec.build(config), config, workdir)
     metrics = " ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
     print(f"done: step {summary['step']}/{summary['num_steps']} {metrics} -> {workdir}")
@@ -157,8 +158,6 @@ def _train(args, overrides):
 
 
 def _eval(args, overrides):
-    import jax
-
     from medjax.train.experiment import load_experiment
 
     workdir = pathlib.Path(args.workdir)
@@ -167,6 +166,8 @@ def _eval(args, overrides):
     spec = load_experiment(args.experiment)
     _init_distributed(args)
     experiment, state, step = _restore(spec, config, workdir)
+    import jax
+
     results = experiment.evaluate(state, workdir)
     if not isinstance(results, dict):
         raise TypeError(f"evaluate(): expected a dict, got {type(results).__name__}")
