@@ -202,7 +202,6 @@ def _template(shape):
     _paint(frac, _CSF, _occupancy(sulcus, h) * _occupancy(cerebrum, h))
 
     # interhemispheric fissure above the corpus callosum and through the frontal/occipital poles
-    span = _occupancy(-np.maximum(0.30 - z - 0.0 * y, 0.0) + 0.0, h)
     span = np.maximum(_occupancy(0.30 - 0.3 * y**2 - z, h), _occupancy(0.55 - np.abs(y), h))
     inside = _occupancy(cerebrum, h) * span
     _paint(frac, _GM, _occupancy(np.abs(x) - 0.015 - t, h) * inside)
@@ -214,8 +213,8 @@ def _template(shape):
     # deep grey nuclei: thalami, lentiform nuclei, heads of the caudate
     deep = np.full(shape, np.inf, np.float32)
     for s in (-1.0, 1.0):
-        deep = np.minimum(deep, _ellipsoid(q, (0.11 * s, -0.13, 0.02), (0.09, 0.15, 0.09)))
-        deep = np.minimum(deep, _ellipsoid(q, (0.28 * s, 0.10, 0.04), (0.07, 0.17, 0.11)))
+        deep = np.minimum(deep, _ellipsoid(q, (0.12 * s, -0.13, 0.02), (0.10, 0.16, 0.10)))
+        deep = np.minimum(deep, _ellipsoid(q, (0.29 * s, 0.10, 0.04), (0.08, 0.18, 0.12)))
         deep = np.minimum(deep, _ellipsoid(q, (0.19 * s, 0.25, 0.15), (0.055, 0.10, 0.075)))
     _paint(frac, _DEEP, _occupancy(deep, h))
 
@@ -255,11 +254,11 @@ def _rotation(angles):
 def _draw_subject(rng):
     """All random parameters of one subject; independent of the output shape."""
     p = {}
-    p["rotation"] = _rotation(np.deg2rad(rng.normal(0.0, 3.0, size=3)))
-    p["scale"] = np.exp(rng.normal(0.0, 0.04, size=3))
-    p["translation"] = rng.normal(0.0, 0.02, size=3)
+    p["rotation"] = _rotation(np.deg2rad(rng.normal(0.0, 2.0, size=3)))
+    p["scale"] = np.exp(rng.normal(0.0, 0.03, size=3))
+    p["translation"] = rng.normal(0.0, 0.015, size=3)
     p["deform"] = _fourier_params(rng, 10, 1.5, 3.5, out=3)
-    p["deform_amplitude"] = rng.uniform(0.07, 0.09)
+    p["deform_amplitude"] = rng.uniform(0.05, 0.065)
     # tumour (always drawn, so that tumour=False gives the same healthy subject)
     side = rng.choice([-1.0, 1.0])
     p["tumour_centre"] = np.array(
@@ -381,13 +380,12 @@ def _render(params, shape, tumour, modalities):
     # acquisition: bias field, gain, Rician noise inside the head, exact zeros outside
     bias = np.exp(params["bias_strength"] * _fourier_grid(params["bias"], shape))
     img = np.clip(img * bias * params["gain"], 0.0, None)
-    mods = [_MOD_INDEX[m] for m in modalities]
-    img = img[..., mods]
-    sigma = (params["noise_sigma"] * params["gain"][mods]).astype(np.float32)
+    sigma = (params["noise_sigma"] * params["gain"]).astype(np.float32)
     noise_rng = np.random.default_rng(params["noise_seed"])
     n1 = noise_rng.standard_normal(img.shape, dtype=np.float32)
     n2 = noise_rng.standard_normal(img.shape, dtype=np.float32)
     img = np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
+    img = img[..., [_MOD_INDEX[m] for m in modalities]]
     img = (img * (frac[..., _BG] < 0.5)[..., None]).astype(np.float32)
 
     nan3 = np.full(3, np.nan, np.float32)
