@@ -191,7 +191,8 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, presence=None, mask=Non
     batch = logits.shape[0]
     logp = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(logp)
-    term = y * jnp.power(jnp.clip(1.0 - p, 0.0, 1.0), gamma) * logp
+    focus = 1.0 if gamma == 0 else jnp.power(jnp.clip(1.0 - p, 0.0, 1.0), gamma)
+    term = y * focus * logp
     if alpha is not None:
         term = term * class_vector(alpha, num_classes, "alpha")
     if presence is not None:
