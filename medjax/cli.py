@@ -152,8 +152,11 @@ def _train(args, overrides):
     from medjax.train.loop import fit
 
     _, summary = fit(spec.build(config), config, workdir)
-    metrics = " ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
-    print(f"done: step {summary['step']}/{summary['num_steps']} {metrics} -> {workdir}")
+    import jax
+
+    if jax.process_index() == 0:
+        metrics = " ".join(f"{k} {v:.4g}" for k, v in summary["metrics"].items())
+        print(f"done: step {summary['step']}/{summary['num_steps']} {metrics} -> {workdir}")
     return EXIT_INTERRUPTED if summary["interrupted"] else 0
 
 

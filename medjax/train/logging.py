@@ -113,7 +113,7 @@ class Progress:
         self._s0 = self.initial
         self._last = self.initial
         if self.interactive:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self._bar = tqdm(
                 total=self.total,

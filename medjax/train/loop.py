@@ -69,7 +69,13 @@ def _jsonable(tree):
 
 
 def _host(metrics):
-    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        if v.size != 1:
+            raise ValueError(f"train_step metrics[{k!r}]: expected a scalar, got shape {v.shape}")
+        out[k] = float(v.reshape(()))
+    return out
 
 
 def _controllers(config, experiment, has_validate):

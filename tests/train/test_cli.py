@@ -162,3 +162,51 @@ def test_eval_without_checkpoints_and_predict_missing_input(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         main(["train", "toy", "--workdir", str(tmp_path / "w"), "--bogus"])
     assert e.value.code == 2
+
+
+def test_two_process_training_then_resume_on_one(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MEDJAX_EXPERIMENTS_DIR": str(TOY)}
+    wd = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "medjax.cli", "train", "toy", "--workdir", str(wd)]
+            + ["--coordinator_address", f"localhost:{port}", "--num_processes", "2"]
+            + ["--process_id", str(i), "--config.num_steps=4", "--config.log_every=2"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        finally:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "step 4/4" in outs[0] and "step 4/4" not in outs[1]  # only process 0 reports
+    logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4]  # written once, by process 0
+
+    # each process fed half of every batch: the losses match a single-process run
+    monkeypatch.setenv("MEDJAX_EXPERIMENTS_DIR", str(TOY))
+    single = tmp_path / "single"
+    assert main(["train", "toy", "--workdir", str(single), "--config.num_steps=4"]) == 0
+    ref = {r["step"]: r["loss"] for r in map(json.loads, (single / "metrics.jsonl").open())}
+    for r in logged:
+        np.testing.assert_allclose(r["loss"], ref[r["step"]], rtol=1e-5)
+
+    # the 2-process checkpoint resumes in one process
+    assert (
+        main(["train", "toy", "--workdir", str(wd), "--config.num_steps=6", "--config.log_every=2"])
+        == 0
+    )
+    assert [json.loads(line)["step"] for line in (wd / "metrics.jsonl").open()] == [2, 4, 6]

@@ -209,3 +209,14 @@ def test_experiment_implements():
             return {}
 
     assert A(None).implements("validate") and not A(None).implements("predict")
+
+
+def test_lazy_engine_namespace_resolves_every_name():
+    import medjax.train as mt
+
+    for name in mt._LAZY:
+        assert getattr(mt, name) is not None, name
+    assert mt.fit.__module__ == "medjax.train.loop"
+    assert mt.TrainState.__module__ == "medjax.train.state"
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        mt.nothing_here  # noqa: B018
