@@ -38,6 +38,23 @@ def _spacings(spacing, batch, ndim):
     return list(s)
 
 
+def _crop_to_union(pm, tm):
+    """Crop both masks to the bounding box of their union grown by 1 voxel (clipped to the image).
+
+    Surfaces and distances are unchanged: the extra voxel keeps the erosion exact, and the
+    Euclidean distance transform is not restricted to paths inside the crop.
+    """
+    union = pm | tm
+    if not union.any():
+        return pm, tm
+    idx = np.nonzero(union)
+    box = tuple(
+        slice(max(int(i.min()) - 1, 0), min(int(i.max()) + 2, n))
+        for i, n in zip(idx, union.shape, strict=True)
+    )
+    return pm[box], tm[box]
+
+
 def _surface(mask):
     return mask & ~ndimage.binary_erosion(mask)
 
@@ -58,8 +75,8 @@ def _pairwise(pred, target, num_classes, spacing, include_background, fn, one_em
     out = np.empty((batch, len(classes)), dtype=np.float64)
     for b in range(batch):
         for k, c in enumerate(classes):
-            pe = _surface(pred[b] == c)
-            te = _surface(target[b] == c)
+            pm, tm = _crop_to_union(pred[b] == c, target[b] == c)
+            pe, te = _surface(pm), _surface(tm)
             if not pe.any() and not te.any():
                 out[b, k] = np.nan
             elif not pe.any() or not te.any():

@@ -190,3 +190,14 @@ def test_validation_errors():
         metrics.surface_distance(a, a, num_classes=2, spacing=-1.0)
     with pytest.raises(ValueError, match="percentile"):
         metrics.hausdorff_distance(a, a, num_classes=2, percentile=101)
+
+
+def test_dice_under_jit_matches_eager():
+    import jax
+
+    rng = np.random.default_rng(5)
+    pred = rng.integers(0, 3, size=(2, 6, 5))
+    target = rng.integers(0, 3, size=(2, 6, 5))
+    eager = np.asarray(metrics.dice(pred, target, num_classes=3))
+    jitted = jax.jit(lambda p, t: metrics.dice(p, t, num_classes=3))(pred, target)
+    np.testing.assert_array_equal(np.asarray(jitted), eager)
