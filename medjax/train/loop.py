@@ -316,6 +316,9 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
         tensorboard.close()
         best_step = manager.best_step()
         manager.close()
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()  # e.g. a grain pipeline's prefetch threads
 
     wall = time.perf_counter() - t_start
     if interrupted:

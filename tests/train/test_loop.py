@@ -78,6 +78,20 @@ def test_interrupted_run_ends_bit_identical(tmp_path):
     assert [r["step"] for r in la if r["split"] == "train"] == list(range(1, 13))
 
 
+def test_interrupted_run_with_grain_pipeline_ends_bit_identical(tmp_path):
+    # 64 shuffled records, 8 per batch: 12 steps cross an epoch; the data state is grain's
+    full, _ = _run(tmp_path / "full", "num_steps=12", "pipeline=grain")
+    _run(tmp_path / "split", "num_steps=5", "pipeline=grain")
+    resumed, _ = _run(tmp_path / "split", "num_steps=12", "pipeline=grain")
+    for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    la = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    assert la == read_metrics(tmp_path / "split" / "metrics.jsonl") and len(la) == 12
+    m = CheckpointManager(tmp_path / "split" / "checkpoints")
+    assert m.restore(abstract_state(full, replicated(make_mesh()))).data["next_batch"] == 12
+    m.close()
+
+
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
     a, _ = _run(tmp_path / "a", "num_steps=3")
     b, _ = _run(tmp_path / "b", "num_steps=3")
@@ -211,3 +225,31 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     assert (summary["start_step"], summary["step"]) == (n, 20)
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 21))
+
+
+def test_tensorboard_scalars_when_a_writer_is_importable(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            calls.append(("init", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("tensorboardX")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    _run(tmp_path, "num_steps=2", "tensorboard=True", "eval_every=2")
+    logged = read_metrics(tmp_path / "metrics.jsonl")
+    expected = [("init", str(tmp_path.resolve() / "tensorboard"))]
+    for r in logged:
+        for k, v in r.items():
+            if k not in ("step", "split"):
+                expected.append((f"{r['split']}/{k}", v, r["step"]))
+    assert calls == expected + [("close",)]

@@ -23,6 +23,7 @@ def get_config(variant=None):
     c.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 0.05})
     c.nan_at_step = -1  # the 1-based step whose batch is NaN (-1: never)
     c.val_values = ()  # scripted validation values for retention tests; () = real val loss
+    c.pipeline = "counter"  # or "grain": medjax.data.pipeline over 64 records, shuffled per epoch
     c.sleep_per_batch = 0.0  # seconds; lets tests interrupt a running training
     c.tensorboard = False
     c.reduce_on_plateau = None

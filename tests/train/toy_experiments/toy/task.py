@@ -76,6 +76,20 @@ class Experiment(mt.Experiment):
 
     def train_iterator(self):
         c = self.config
+        if c.pipeline == "grain":
+            from medjax.data.pipeline import FunctionSource, make_iterator
+
+            w_true = ToyIterator(c.seed, 1, c.features, 0.0).w_true
+
+            def record(i):
+                x = np.random.default_rng([c.seed, 99, i]).normal(size=c.features)
+                return {"x": x.astype(np.float32), "y": (x @ w_true).astype(np.float32)}
+
+            def add_noise(rec, rng):
+                return {**rec, "y": rec["y"] + np.float32(c.noise * rng.normal())}
+
+            source = FunctionSource(64, record)
+            return make_iterator(source, batch_size=c.batch_size, seed=c.seed, transform=add_noise)
         return ToyIterator(
             c.seed, c.batch_size, c.features, c.noise, c.nan_at_step, c.sleep_per_batch
         )
