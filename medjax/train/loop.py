@@ -108,6 +108,12 @@ def _controllers(config, experiment, has_validate):
     return plateau, stopper
 
 
+def _close(iterator):
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()  # e.g. a grain pipeline's prefetch threads
+
+
 class _SigintFlag:
     """First Ctrl-C asks the loop to save and stop; a second one interrupts at once."""
 
@@ -173,21 +179,26 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     iterator = experiment.train_iterator()
     last_val = {}
 
-    start = manager.latest_step()
-    if start is not None:
-        restored = manager.restore(abstract)
-        state = restored.state
-        if restored.data:
-            iterator.set_state(restored.data)
-        loop_state = restored.loop
-        if plateau is not None and loop_state.get("plateau"):
-            plateau.load_state_dict(loop_state["plateau"])
-        if stopper is not None and loop_state.get("early_stopping"):
-            stopper.load_state_dict(loop_state["early_stopping"])
-        last_val = dict(loop_state.get("last_val") or {})
-    else:
-        start = 0
-        state = _mesh.replicate(experiment.init_state(rng), mesh)
+    try:
+        start = manager.latest_step()
+        if start is not None:
+            restored = manager.restore(abstract)
+            state = restored.state
+            if restored.data:
+                iterator.set_state(restored.data)
+            loop_state = restored.loop
+            if plateau is not None and loop_state.get("plateau"):
+                plateau.load_state_dict(loop_state["plateau"])
+            if stopper is not None and loop_state.get("early_stopping"):
+                stopper.load_state_dict(loop_state["early_stopping"])
+            last_val = dict(loop_state.get("last_val") or {})
+        else:
+            start = 0
+            state = _mesh.replicate(experiment.init_state(rng), mesh)
+    except BaseException:
+        manager.close()
+        _close(iterator)
+        raise
 
     writer = MetricsWriter(workdir / "metrics.jsonl", enabled=is_main)
     writer.truncate_after(start)
@@ -205,7 +216,7 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     all_finite = jax.jit(_state_finite)
     first_bad = jnp.asarray(-1, jnp.int32)
     step = start
-    last_saved = start if manager.latest_step() == start and start else None
+    last_saved = start if start else None
     last_metrics = {}
     interrupted = stopped_early = exhausted = False
     t_start = time.perf_counter()
@@ -316,9 +327,7 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
         tensorboard.close()
         best_step = manager.best_step()
         manager.close()
-        close = getattr(iterator, "close", None)
-        if callable(close):
-            close()  # e.g. a grain pipeline's prefetch threads
+        _close(iterator)
 
     wall = time.perf_counter() - t_start
     if interrupted:
