@@ -86,8 +86,9 @@ def parse_value(text: str, current, *, key: str = "value"):
     if isinstance(current, tuple | list):
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = tuple(s.strip() for s in text.split(",") if s.strip())
+        except (ValueError, SyntaxError):  # bare words: a,b or (a, b) or [a, b]
+            inner = text.strip().strip("()[]")
+            value = tuple(s.strip() for s in inner.split(",") if s.strip())
         if not isinstance(value, tuple | list):
             value = (value,)
         return type(current)(value)

@@ -81,6 +81,8 @@ def test_overrides_leave_the_input_config_untouched():
         ("'quoted'", None, "quoted"),
         ("plain words", None, "plain words"),
         ("{'a': 1}", {"b": 2}, {"a": 1}),
+        ("(flair, t1)", ("x",), ("flair", "t1")),
+        ("[1, 2]", (0,), (1, 2)),
     ],
 )
 def test_parse_value(text, current, expected):
