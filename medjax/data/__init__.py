@@ -16,6 +16,8 @@ _LAZY = {
     "make_iterator": "medjax.data.pipeline",
     "FunctionSource": "medjax.data.pipeline",
     "RecordSource": "medjax.data.pipeline",
+    "synthetic_tasks": "medjax.data.tasks",
+    "folder_tasks": "medjax.data.tasks",
 }
 
 
