@@ -4,6 +4,13 @@ import importlib
 
 # public name -> module that defines it; add a line when you add a block file.
 _LAZY = {
+    "ConvAct": "medjax.nn.blocks",
+    "UpConvAct": "medjax.nn.blocks",
+    "ResidualLevel": "medjax.nn.blocks",
+    "ResidualUpLevel": "medjax.nn.blocks",
+    "ResidualEncoder": "medjax.nn.blocks",
+    "ResidualDecoder": "medjax.nn.blocks",
+    "fast_init": "medjax.nn.blocks",
     "CrossConv": "medjax.nn.cross",
     "CrossBlock": "medjax.nn.cross",
     "CrossConv3D": "medjax.nn.cross",
