@@ -14,6 +14,7 @@ all other axes of one volume). Cropping and patch sampling are host-side NumPy w
 ``numpy.random.Generator``; their first ``len(size)`` axes are spatial.
 """
 
+import functools
 import math
 
 import jax
@@ -52,6 +53,31 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------------
 # validation helpers
+
+
+def _hashable(v):
+    """Lists and arrays -> nested tuples, so that keyword parameters can be static under jit."""
+    if isinstance(v, list | tuple | np.ndarray):
+        return tuple(_hashable(u) for u in (v.tolist() if isinstance(v, np.ndarray) else v))
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _jit(*static):
+    """jax.jit with the named keyword parameters static (lists/arrays made hashable)."""
+
+    def deco(fn):
+        jitted = jax.jit(fn, static_argnames=static)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            kwargs = {k: (_hashable(v) if k in static else v) for k, v in kwargs.items()}
+            return jitted(*args, **kwargs)
+
+        return wrapper
+
+    return deco
 
 
 def _check_batch(image, label=None):
@@ -136,6 +162,13 @@ def affine_displacement(matrix, translation, spatial_shape, points=None):
     ``points`` (B, *S, ndim), if given, replaces the identity grid as the points mapped (the result
     is still ``mapped - identity``).
     """
+    return _affine_displacement(
+        matrix, translation, points, spatial_shape=tuple(int(s) for s in spatial_shape)
+    )
+
+
+@_jit("spatial_shape")
+def _affine_displacement(matrix, translation, points, *, spatial_shape):
     matrix = jnp.asarray(matrix, jnp.float32)
     translation = jnp.asarray(translation, jnp.float32)
     ndim = len(spatial_shape)
@@ -154,7 +187,8 @@ def affine_displacement(matrix, translation, spatial_shape, points=None):
     return mapped - grid[None]
 
 
-def _draw_affine(key, batch, ndim, rotation, scale, translation, prob):
+@_jit("batch", "ndim", "rotation", "scale", "translation", "prob")
+def _draw_affine(key, *, batch, ndim, rotation, scale, translation, prob):
     k_rot, k_scale, k_shift, k_apply = jax.random.split(key, 4)
     n_angles = 1 if ndim == 2 else 3
     lo, hi = _range("rotation", rotation, 0.0)
@@ -172,13 +206,15 @@ def _draw_affine(key, batch, ndim, rotation, scale, translation, prob):
     return matrix, shift
 
 
-def _warp_pair(image, label, disp, padding, label_padding):
+@_jit("padding", "label_padding")
+def _warp_pair(image, label, disp, *, padding, label_padding):
     out = warp(image, disp, order=1, padding=padding)
     if label is not None:
         label = warp(label[..., None], disp, order=0, padding=label_padding)[..., 0]
     return out, label
 
 
+@_jit("rotation", "scale", "translation", "prob", "padding", "label_padding")
 def random_affine(
     key,
     image,
@@ -201,13 +237,21 @@ def random_affine(
       padding, label_padding: ``"border"`` or ``"zeros"`` for points mapped outside the volume.
     """
     image, label, ndim = _check_batch(image, label)
-    matrix, shift = _draw_affine(key, image.shape[0], ndim, rotation, scale, translation, prob)
+    matrix, shift = _draw_affine(
+        key,
+        batch=image.shape[0],
+        ndim=ndim,
+        rotation=rotation,
+        scale=scale,
+        translation=translation,
+        prob=prob,
+    )
     disp = affine_displacement(matrix, shift, image.shape[1:-1])
-    return _warp_pair(image, label, disp, padding, label_padding)
+    return _warp_pair(image, label, disp, padding=padding, label_padding=label_padding)
 
 
 def _gaussian_kernel(sigma, radius):
-    """Normalised 1-D Gaussian weights (..., 2 radius + 1) for sigma (...) (traced or not)."""
+    """Normalised 1-D Gaussian weights (..., 2 radius + 1) for a traced sigma (...)."""
     x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
     sigma = jnp.asarray(sigma, jnp.float32)[..., None]
     w = jnp.exp(-0.5 * (x / jnp.maximum(sigma, 1e-6)) ** 2)
@@ -228,6 +272,13 @@ def _filter_axis(x, weights, axis):
     return out
 
 
+def _gaussian_kernel_np(sigma, radius):
+    """Normalised 1-D Gaussian weights (2 radius + 1,) float32 for a static sigma."""
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return (w / w.sum()).astype(np.float32)
+
+
 def gaussian_filter(image, sigma, *, truncate=4.0):
     """Gaussian smoothing over the spatial axes of (B, *S, C) -> (B, *S, C).
 
@@ -238,12 +289,16 @@ def gaussian_filter(image, sigma, *, truncate=4.0):
     sig = np.broadcast_to(np.asarray(sigma, np.float64), (ndim,))
     if np.any(sig < 0):
         raise ValueError(f"sigma: expected non-negative values, got {sigma!r}")
-    for k in range(ndim):
-        if sig[k] == 0:
+    return _gaussian_filter(image, sigma=tuple(float(s) for s in sig), truncate=float(truncate))
+
+
+@_jit("sigma", "truncate")
+def _gaussian_filter(image, *, sigma, truncate):
+    for k, s in enumerate(sigma):
+        if s == 0:
             continue
-        radius = int(truncate * float(sig[k]) + 0.5)
-        w = jnp.broadcast_to(_gaussian_kernel(sig[k], radius), (image.shape[0], 2 * radius + 1))
-        image = _filter_axis(image, w, k + 1)
+        w = _gaussian_kernel_np(s, int(truncate * s + 0.5))
+        image = _filter_axis(image, jnp.broadcast_to(w, (image.shape[0], w.size)), k + 1)
     return image
 
 
@@ -254,21 +309,31 @@ def elastic_displacement(key, batch, spatial_shape, *, sigma=4.0, magnitude=2.0)
     standard deviation ``magnitude`` voxels (exactly, in expectation, away from the borders).
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
-    ndim = len(spatial_shape)
-    if ndim not in (2, 3):
+    if len(spatial_shape) not in (2, 3):
         raise ValueError(f"spatial_shape: expected 2 or 3 sizes, got {spatial_shape!r}")
     if float(sigma) <= 0:
         raise ValueError(f"sigma: expected > 0, got {sigma!r}")
-    noise = jax.random.normal(key, (batch, *spatial_shape, ndim))
-    radius = int(3.0 * float(sigma) + 0.5)
-    w1 = _gaussian_kernel(float(sigma), radius)
-    smooth = noise
+    return _elastic_displacement(
+        key,
+        batch=int(batch),
+        spatial_shape=spatial_shape,
+        sigma=float(sigma),
+        magnitude=float(magnitude),
+    )
+
+
+@_jit("batch", "spatial_shape", "sigma", "magnitude")
+def _elastic_displacement(key, *, batch, spatial_shape, sigma, magnitude):
+    ndim = len(spatial_shape)
+    smooth = jax.random.normal(key, (batch, *spatial_shape, ndim))
+    w = _gaussian_kernel_np(sigma, int(3.0 * sigma + 0.5))
     for k in range(ndim):
-        smooth = _filter_axis(smooth, jnp.broadcast_to(w1, (batch, w1.shape[-1])), k + 1)
-    std = float(np.sqrt(np.sum(np.asarray(w1) ** 2))) ** ndim
-    return smooth * (float(magnitude) / std)
+        smooth = _filter_axis(smooth, jnp.broadcast_to(w, (batch, w.size)), k + 1)
+    std = float(np.sqrt(np.sum(w.astype(np.float64) ** 2))) ** ndim
+    return smooth * (magnitude / std)
 
 
+@_jit("sigma", "magnitude", "prob", "padding", "label_padding")
 def random_elastic(
     key,
     image,
@@ -292,9 +357,10 @@ def random_elastic(
     )
     apply = _apply_mask(k_apply, image.shape[0], _check_prob(prob))
     disp = disp * _bcast(apply.astype(disp.dtype), disp.ndim)
-    return _warp_pair(image, label, disp, padding, label_padding)
+    return _warp_pair(image, label, disp, padding=padding, label_padding=label_padding)
 
 
+@_jit("axes", "prob")
 def random_flip(key, image, label=None, *, axes=None, prob=0.5):
     """Flip each sample along each of ``axes`` (spatial axis indices, default all) with ``prob``.
 
@@ -318,6 +384,7 @@ def random_flip(key, image, label=None, *, axes=None, prob=0.5):
 # intensity augmentations (image only)
 
 
+@_jit("std", "prob")
 def gaussian_noise(key, image, *, std=0.1, prob=1.0):
     """Add N(0, sigma^2) noise -> (B, *S, C); ``std`` a fixed sigma or a (lo, hi) range per sample."""
     image, _, _ = _check_batch(image)
@@ -334,6 +401,7 @@ def gaussian_noise(key, image, *, std=0.1, prob=1.0):
     return image + _bcast(sigma, image.ndim) * jax.random.normal(k_noise, image.shape, image.dtype)
 
 
+@_jit("brightness", "contrast", "per_channel", "prob")
 def brightness_contrast(key, image, *, brightness=0.1, contrast=0.25, per_channel=True, prob=1.0):
     """``(x - mean) * c + mean + b`` per sample (and channel) -> (B, *S, C).
 
@@ -355,6 +423,7 @@ def brightness_contrast(key, image, *, brightness=0.1, contrast=0.25, per_channe
     return (image - mean) * _bcast(factor, image.ndim) + mean + _bcast(shift, image.ndim)
 
 
+@_jit("gamma", "prob", "eps")
 def gamma(key, image, *, gamma=(0.7, 1.5), prob=1.0, eps=1e-7):
     """Gamma ``min + (max - min) * ((x - min) / (max - min)) ** g`` per sample and channel.
 
@@ -375,6 +444,7 @@ def gamma(key, image, *, gamma=(0.7, 1.5), prob=1.0, eps=1e-7):
     return mn + (rng + eps) * unit ** _bcast(g, image.ndim)
 
 
+@_jit("sigma", "prob", "truncate")
 def gaussian_blur(key, image, *, sigma=(0.5, 1.0), prob=1.0, truncate=3.0):
     """Gaussian blur with a per-sample sigma ~ U(sigma) (voxels, all spatial axes) -> (B, *S, C)."""
     image, _, ndim = _check_batch(image)
@@ -436,11 +506,13 @@ def augment(key, image, label=None, cfg=None):
             af.update(cfg["affine"])
             for k in ("padding", "label_padding"):
                 geo[k] = af.pop(k, geo[k])
-            matrix, shift = _draw_affine(keys["affine"], b, ndim, **af)
+            matrix, shift = _draw_affine(keys["affine"], batch=b, ndim=ndim, **af)
             axes = [jnp.arange(n, dtype=jnp.float32) for n in spatial]
             grid = jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
             disp = affine_displacement(matrix, shift, spatial, points=grid[None] + disp)
-        image, label = _warp_pair(image, label, disp, geo["padding"], geo["label_padding"])
+        image, label = _warp_pair(
+            image, label, disp, padding=geo["padding"], label_padding=geo["label_padding"]
+        )
     if "brightness_contrast" in cfg:
         image = brightness_contrast(
             keys["brightness_contrast"], image, **cfg["brightness_contrast"]
