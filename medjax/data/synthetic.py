@@ -222,9 +222,9 @@ def _template(shape):
     vent = np.full(shape, np.inf, np.float32)
     for s in (-1.0, 1.0):
         zc = 0.18 - 0.6 * (y + 0.03) ** 2
-        xc = s * (0.10 + 0.08 * np.clip(-y, 0.0, None))
+        xc = s * (0.11 + 0.08 * np.clip(-y, 0.0, None))
         rel = np.stack([x - xc, y + 0.03, z - zc], axis=-1)
-        vent = np.minimum(vent, _ellipsoid(rel, (0.0, 0.0, 0.0), (0.075, 0.42, 0.10)))
+        vent = np.minimum(vent, _ellipsoid(rel, (0.0, 0.0, 0.0), (0.085, 0.42, 0.12)))
     vent = np.minimum(vent, _ellipsoid(q, (0.0, -0.10, -0.04), (0.022, 0.13, 0.10)))
     _paint(frac, _VENT, _occupancy(vent, h))
 
@@ -507,10 +507,17 @@ def save_figure(path, seeds=(0, 1, 2), shape=(96, 96, 96)):
                     ax.set_title(name.upper() if ci < len(MODALITIES) else name, fontsize=9)
                 if ci == 0:
                     ax.set_ylabel(f"seed {seed}\n{view}", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=anat_cmap(k), label=v) for k, v in ANATOMY_LABELS.items() if k]
+    handles += [Patch(color=tum_cmap(k), label=v) for k, v in TUMOUR_LABELS.items() if k]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(
-        "medjax.data.synthetic.brain_phantom: slices through the tumour centre", fontsize=10
+        "medjax.data.synthetic.brain_phantom: slices through the tumour centre "
+        f"({'x'.join(map(str, shape))}; overlays on T1)",
+        fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.035, 1, 0.985))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
