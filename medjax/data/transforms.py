@@ -259,17 +259,33 @@ def _gaussian_kernel(sigma, radius):
 
 
 def _filter_axis(x, weights, axis):
-    """Correlate x along ``axis`` with per-sample weights (B, K), edge-replicating ('nearest')."""
-    radius = (weights.shape[-1] - 1) // 2
+    """Correlate x (B, *S, C) along ``axis`` with per-sample weights (B, K), edge-replicating.
+
+    One depthwise convolution: batch and channels become the feature groups.
+    """
+    b, c, ndim = x.shape[0], x.shape[-1], x.ndim - 2
+    k = weights.shape[-1]
+    radius = (k - 1) // 2
     pad = [(0, 0)] * x.ndim
     pad[axis] = (radius, radius)
     xp = jnp.pad(x, pad, mode="edge")
-    n = x.shape[axis]
-    out = jnp.zeros_like(x)
-    for t in range(weights.shape[-1]):
-        w = weights[:, t].reshape((-1,) + (1,) * (x.ndim - 1))
-        out = out + w * jax.lax.slice_in_dim(xp, t, t + n, axis=axis)
-    return out
+    spatial = xp.shape[1:-1]
+    lhs = jnp.moveaxis(xp, 0, -2).reshape((1, *spatial, b * c))
+    w = jnp.repeat(weights.astype(x.dtype), c, axis=0)  # (B*C, K), sample-major like lhs
+    ksize = [1] * ndim
+    ksize[axis - 1] = k
+    kernel = w.T.reshape((*ksize, 1, b * c))
+    spec = "NHWC" if ndim == 2 else "NDHWC"
+    out = jax.lax.conv_general_dilated(
+        lhs,
+        kernel,
+        window_strides=(1,) * ndim,
+        padding="VALID",
+        dimension_numbers=(spec, spec[1:-1] + "IO", spec),
+        feature_group_count=b * c,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return jnp.moveaxis(out.reshape((*x.shape[1:-1], b, c)), -2, 0)
 
 
 def _gaussian_kernel_np(sigma, radius):
