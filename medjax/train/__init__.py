@@ -16,7 +16,10 @@ _LAZY = {
     "get_ema_params": "medjax.train.ema",
     # optim.py
     "make_optimizer": "medjax.train.optim",
+    "constant": "medjax.train.optim",
     "warmup_cosine": "medjax.train.optim",
+    "make_schedule": "medjax.train.optim",
+    "lr_scale": "medjax.train.optim",
     "multistep": "medjax.train.optim",
     "step_decay": "medjax.train.optim",
     "adam": "medjax.train.optim",
@@ -40,6 +43,7 @@ _LAZY = {
     "supervised_step": "medjax.train.steps",
     "adversarial_step": "medjax.train.steps",
     "cotraining_step": "medjax.train.steps",
+    "ramp_weight": "medjax.train.steps",
     # checkpoint.py
     "CheckpointManager": "medjax.train.checkpoint",
     "abstract_state": "medjax.train.checkpoint",
