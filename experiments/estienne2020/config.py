@@ -85,9 +85,8 @@ def get_config(variant=None):
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 2e-3
-    c.plateau = ml_collections.ConfigDict()
-    c.plateau.factor = 0.2
-    c.plateau.patience = 30  # evaluations (the paper: epochs)
-    c.early_stopping = ml_collections.ConfigDict()
-    c.early_stopping.patience = 0 if quick else 50
+    # Host-side controllers of medjax.train.fit, driven by validate()'s "val_loss" every eval_every
+    # steps (the paper validates every 100 batches, about one BraTS epoch: patience in evaluations).
+    c.reduce_on_plateau = None if quick else {"factor": 0.2, "patience": 30}
+    c.early_stopping = None if quick else {"patience": 50}
     return c

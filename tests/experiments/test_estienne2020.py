@@ -1,0 +1,173 @@
+"""experiments/estienne2020: tiny end-to-end runs through the ``medjax`` command (train, eval, predict)."""
+
+import json
+import math
+import pathlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medjax.cli import main
+from medjax.data import synthetic
+
+# A 3-level network on 16^3 volumes keeps every run to seconds; the layout is the paper's otherwise.
+TINY = [
+    "--config.num_steps=3",
+    "--config.log_every=1",
+    "--config.checkpoint_every=3",
+    "--config.synthetic.shape=(16,16,16)",
+    "--config.synthetic.num_train=4",
+    "--config.synthetic.num_test_pairs=2",
+    "--config.model.f=4",
+    "--config.model.multipliers=(1,2,4)",
+    "--config.model.enc_convs=(1,2,2)",
+    "--config.model.dec_convs=(2,1)",
+]
+
+
+def _affine(seed):
+    """A non-trivial voxel -> world affine (anisotropic spacing, a flip, a translation)."""
+    a = np.diag([1.5, -1.0, 2.0, 1.0])
+    a[:3, 3] = [10.0 + seed, -20.0, 5.5]
+    return a
+
+
+def _write_nifti(path, array, affine):
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path
+
+
+def test_synthetic_train_eval_predict(tmp_path, capsys):
+    work = tmp_path / "run"
+    assert main(["train", "estienne2020", "--variant", "quick", "--workdir", str(work), *TINY]) == 0
+    assert main(["eval", "estienne2020", "--workdir", str(work)]) == 0
+    res = json.loads((work / "results.json").read_text())
+    assert res["experiment"] == "estienne2020" and res["checkpoint_step"] == 3
+    assert res["num_test_pairs"] == 2
+    keys = [
+        "anatomical_dice_before",
+        "anatomical_dice_after",
+        "dice_near_tumour_after",
+        "dice_far_tumour_after",
+        "tumour_dice_ncr",
+        "tumour_dice_ed",
+        "tumour_dice_et",
+        "tumour_dice_whole",
+        "image_mse_before",
+        "image_mse_after",
+        "folding_percent",
+        "jacobian_std",
+    ]
+    for k in keys:
+        assert k in res and f"{k}_std" in res, k
+    for k in ("anatomical_dice_before", "anatomical_dice_after", "image_mse_after"):
+        assert math.isfinite(res[k]), (k, res[k])
+    assert 0.0 <= res["anatomical_dice_after"] <= 1.0
+    assert 0.0 <= res["folding_percent"] <= 100.0
+    # Identity Dice "before" recomputed independently (NumPy) from the same test pairs.
+    s = [synthetic.brain_phantom(1234 + 200_000 + i, (16, 16, 16)) for i in range(4)]
+    ref = []
+    for m, f in ((s[0], s[1]), (s[2], s[3])):
+        d = []
+        for c in range(1, 8):
+            a, b = m["anatomy"] == c, f["anatomy"] == c
+            if b.any():
+                d.append(2 * np.sum(a & b) / (a.sum() + b.sum()))
+        ref.append(np.mean(d))
+    np.testing.assert_allclose(res["anatomical_dice_before"], np.mean(ref), rtol=1e-5)
+    assert {"registration_pair0.png", "deformation_pair0.png", "tumour_pair0.png"} <= set(
+        res["figures"]
+    )
+
+    # predict on a NIfTI pair whose size is not a multiple of 4 (padded inside, cropped back)
+    shape = (15, 16, 14)
+    sub_m = synthetic.brain_phantom(7, shape)
+    sub_f = synthetic.brain_phantom(8, shape)
+    mov = _write_nifti(tmp_path / "moving.nii.gz", sub_m["image"], _affine(0))
+    fix = _write_nifti(tmp_path / "fixed.nii.gz", sub_f["image"], _affine(1))
+    out = tmp_path / "pred"
+    capsys.readouterr()
+    assert main(["predict", "--workdir", str(work), str(mov), str(fix), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    expect = {
+        "displacement.nii.gz": ((*shape, 3), _affine(1)),
+        "warped.nii.gz": ((*shape, 4), _affine(1)),
+        "seg_moving.nii.gz": (shape, _affine(0)),
+        "seg_fixed.nii.gz": (shape, _affine(1)),
+        "warped_seg.nii.gz": (shape, _affine(1)),
+    }
+    assert sorted(pathlib.Path(p).name for p in printed) == sorted(expect)
+    for name, (shp, aff) in expect.items():
+        img = nib.load(str(out / name))
+        assert img.shape == shp, name
+        np.testing.assert_allclose(img.affine, aff, atol=1e-5, err_msg=name)
+    seg = np.asarray(nib.load(str(out / "seg_fixed.nii.gz")).dataobj)
+    assert seg.min() >= 0 and seg.max() <= 3
+    disp = np.asarray(nib.load(str(out / "displacement.nii.gz")).dataobj)
+    assert np.all(np.isfinite(disp))
+
+    # wrong inputs are refused with a message naming them
+    with pytest.raises(ValueError, match="inputs"):
+        main(["predict", "--workdir", str(work), str(mov), "--out", str(out)])
+
+
+def _oasis_folder(root, n=6, shape=(16, 16, 16)):
+    """An OASIS-style folder (neurite-oasis names): T1 image + anatomical labels, no tumour."""
+    for i in range(n):
+        d = root / f"OASIS_OAS1_{i + 1:04d}_MR1"
+        d.mkdir(parents=True)
+        s = synthetic.brain_phantom(500 + i, shape, tumour=False, modalities=("t1",))
+        aff = _affine(i)
+        _write_nifti(d / "aligned_norm.nii.gz", s["image"][..., 0], aff)
+        _write_nifti(d / "aligned_seg35.nii.gz", s["anatomy"].astype(np.int16), aff)
+        _write_nifti(d / "aligned_seg4.nii.gz", np.minimum(s["anatomy"], 4).astype(np.int16), aff)
+    return root
+
+
+def test_oasis_folder_registration_only(tmp_path):
+    data = _oasis_folder(tmp_path / "oasis")
+    work = tmp_path / "run"
+    args = [
+        "train",
+        "estienne2020",
+        "--variant",
+        "quick",
+        "--workdir",
+        str(work),
+        *TINY,
+        "--config.num_steps=2",
+        "--config.checkpoint_every=2",
+        "--config.data=oasis",
+        f"--config.data_dir={data}",
+        "--config.oasis_crop=(16,16,16)",
+    ]
+    assert main(args) == 0
+    logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["seg"] == 0.0 for r in logged if r["split"] == "train")  # segmentation loss off
+    assert main(["eval", "estienne2020", "--workdir", str(work)]) == 0
+    res = json.loads((work / "results.json").read_text())
+    assert res["data"] == "oasis" and res["num_test_pairs"] >= 1
+    for k in ("anatomical_dice_before", "anatomical_dice_after"):
+        assert math.isfinite(res[k]) and 0.0 < res[k] <= 1.0, (k, res[k])
+    assert "tumour_dice_whole" not in res  # no tumour labels in OASIS
+
+
+def test_config_variants_and_validation():
+    from medjax.train import load_config, load_experiment
+
+    spec = load_experiment("estienne2020")
+    assert set(spec.variants) == {"quick", "paper"}
+    paper = spec.get_config("paper")
+    assert tuple(paper.brats_crop) == (144, 208, 144) and paper.model.f == 8
+    assert paper.optimizer.learning_rate == 2e-3 and paper.batch_size == 2
+    assert dict(paper.reduce_on_plateau) == {"factor": 0.2, "patience": 30}
+    assert dict(paper.early_stopping) == {"patience": 50}
+    with pytest.raises(ValueError, match="variant"):
+        spec.get_config("huge")
+    cfg = load_config("estienne2020", "quick", ["model.kind=unet"])
+    with pytest.raises(ValueError, match="config.model.kind"):
+        spec.build(cfg)
+    cfg = load_config("estienne2020", "quick", ["data=brats"])
+    with pytest.raises(ValueError, match="config.data_dir"):
+        spec.build(cfg)
