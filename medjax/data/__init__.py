@@ -1,6 +1,6 @@
 """Data: image I/O, dataset layouts, transforms, synthetic data and input pipelines. Names resolve lazily to keep ``import medjax.data`` cheap."""
 
-import importlib
+from medjax._lazy import attach
 
 # public name -> module that defines it; add a line when you add a new public function.
 _LAZY = {
@@ -44,17 +44,4 @@ _LAZY = {
     "threshold_crop": "medjax.data.transforms",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:
-        return importlib.import_module(f"medjax.data.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"medjax.data.{name}":
-            raise  # a real missing dependency inside the submodule
-        raise AttributeError(f"module 'medjax.data' has no attribute {name!r}") from None
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = attach(__name__, _LAZY)

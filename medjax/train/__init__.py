@@ -5,7 +5,7 @@ Names resolve lazily (a missing or broken module never breaks ``import medjax.tr
     from medjax.train import TrainState, fit, load_config, load_experiment
 """
 
-import importlib
+from medjax._lazy import attach
 
 # public name -> module that defines it.
 _LAZY = {
@@ -66,17 +66,4 @@ _LAZY = {
     "read_metrics": "medjax.train.logging",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    try:
-        return importlib.import_module(f"medjax.train.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"medjax.train.{name}":
-            raise  # a real missing dependency inside the submodule
-        raise AttributeError(f"module 'medjax.train' has no attribute {name!r}") from None
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = attach(__name__, _LAZY)
