@@ -1,5 +1,8 @@
 """Turn network outputs into deformations: gradient integration and scaling and squaring."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from medjax.ops.warp import _check_field, warp
@@ -38,6 +41,11 @@ def integrate_velocity(v, steps=7):
         raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
     if not jnp.issubdtype(v.dtype, jnp.floating):
         v = v.astype(jnp.float32)
+    return _scaling_and_squaring(v, steps)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _scaling_and_squaring(v, steps):
     d = v / (2.0**steps)
     for _ in range(steps):
         d = d + warp(d, d, order=1, padding="border")

@@ -2,9 +2,11 @@
 
 The (bi/tri)linear sampler computes the lower cell corner and fractions itself and reads the
 ``2**ndim`` corners with scalar gathers from the flattened, channel-first image (XLA's CPU gather is
-much faster for scalar elements than for rows). It has a custom JVP that is linear in the tangents:
-reverse mode then costs one elementwise product with the saved corner differences for the
-displacement, and a scatter-add for the image only when the image is differentiated.
+much faster for scalar elements than for rows). It has a custom JVP that is linear in the tangents.
+When the displacement is differentiated, the JVP computes the output and the ``ndim`` partial
+derivatives from the same gathered corners in one loop (see ``_one_loop``); reverse mode then costs
+one elementwise product for the displacement, and scatter-adds for the image only when the image is
+differentiated.
 """
 
 import functools
@@ -130,13 +132,56 @@ def _lerp_tree(corner, fracs, ndim, prefix=()):
     return (1.0 - fracs[k]) * lower + fracs[k] * upper
 
 
+_GATHER_DIMS = jax.lax.GatherDimensionNumbers(
+    offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+)
+
+
+def _take(table, index):
+    """``table[index]`` for a flat table and in-range int32 indices of any shape.
+
+    ``lax.gather`` directly: ``jnp`` indexing would add a negative-index wrap (a compare and a
+    select per corner) that costs about as much as the gather in XLA's scalar CPU loops.
+    """
+    return jax.lax.gather(
+        table,
+        index[..., None],
+        _GATHER_DIMS,
+        (1,),
+        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+    )
+
+
 def _gather_lerp(table, full, offsets, fracs, ndim):
     """Multilinear combination of the gathered corners ``table[full + offset]``: (B, *G, C)."""
 
     def corner(bits):
-        return table.at[full + offsets[bits]].get(mode="promise_in_bounds")
+        return _take(table, full + offsets[bits])
 
     return _lerp_tree(corner, fracs, ndim)
+
+
+@jax.custom_jvp
+def _one_loop(*arrays):
+    """Identity on same-shape arrays that makes XLA compute all of them in one fused loop.
+
+    XLA's CPU backend has no multi-output loop fusion: a gather feeding several outputs is
+    materialised once per corner and read back by every output (several times slower than one
+    pass). A variadic reduction over a dummy axis of size 2 (the array and zeros) is a single
+    multi-output fusion, so the shared gathers stay in registers. ``x + 0`` is exact.
+    """
+    operands = [jnp.stack([a, jnp.zeros_like(a)]) for a in arrays]
+    inits = [jnp.zeros((), a.dtype) for a in arrays]
+
+    def add(x, y):
+        return tuple(a + b for a, b in zip(x, y, strict=True))
+
+    return tuple(jax.lax.reduce(operands, inits, add, (0,)))
+
+
+@_one_loop.defjvp
+def _one_loop_jvp(primals, tangents):
+    return _one_loop(*primals), tuple(tangents)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -154,9 +199,9 @@ def _is_zero(t):
 
 
 def _warp_linear_jvp(offset, primals, tangents):
-    # The tangent is linear in (image_dot, disp_dot), so reverse mode is its transpose: a
-    # scatter-add for the image (only when the image is differentiated) and an elementwise product
-    # with the saved corner differences for the displacement (no second gather).
+    # The tangent is linear in (image_dot, disp_dot): reverse mode transposes it into an
+    # elementwise product with the saved partial derivatives for the displacement and, only when
+    # the image is differentiated, scatter-adds for the image.
     image, disp = primals
     image_dot, disp_dot = tangents
     spatial = image.shape[1:-1]
@@ -166,13 +211,15 @@ def _warp_linear_jvp(offset, primals, tangents):
     full = index[..., None] + base
     offsets = _corner_offsets(spatial)
     fr = [f[..., None].astype(image.dtype) for f in fracs]
-    vals = {
-        bits: table.at[full + off].get(mode="promise_in_bounds") for bits, off in offsets.items()
-    }
-    out = _lerp_tree(lambda bits: vals[bits], fr, ndim)
-
     out_dot = None
-    if not _is_zero(disp_dot):
+    if _is_zero(disp_dot):
+        out = _gather_lerp(table, full, offsets, fr, ndim)
+    else:
+        # d out / d coordinate k interpolates the corner differences along k over the other
+        # axes; it is zero where the coordinate is clamped (border padding).
+        vals = {bits: _take(table, full + off) for bits, off in offsets.items()}
+        out = _lerp_tree(vals.__getitem__, fr, ndim)
+        jac = []
         for k in range(ndim):
             others = [fr[j] for j in range(ndim) if j != k]
 
@@ -180,8 +227,10 @@ def _warp_linear_jvp(offset, primals, tangents):
                 return vals[bits[:k] + (1,) + bits[k:]] - vals[bits[:k] + (0,) + bits[k:]]
 
             dk = _lerp_tree(diff, others, ndim - 1)
-            step = jnp.where(inside[k], disp_dot[..., k], 0.0).astype(image.dtype)
-            term = dk * step[..., None]
+            jac.append(jnp.where(inside[k][..., None], dk, 0.0))
+        out, *jac = _one_loop(out, *jac)
+        for k in range(ndim):
+            term = jac[k] * disp_dot[..., k, None].astype(image.dtype)
             out_dot = term if out_dot is None else out_dot + term
     if not _is_zero(image_dot):
         table_dot, _ = _channel_table(image_dot)
@@ -206,8 +255,7 @@ def _warp_nearest(image, disp, offset):
         c = jnp.clip(jnp.round(disp[..., k] + (pos + offset)), 0.0, float(n - 1))
         index = index + c.astype(jnp.int32) * strides[k]
     table, base = _channel_table(image)
-    out = table.at[index[..., None] + base].get(mode="promise_in_bounds")
-    return out
+    return _take(table, index[..., None] + base)
 
 
 def warp(image, displacement, *, order=1, padding="border"):
@@ -250,9 +298,15 @@ def warp(image, displacement, *, order=1, padding="border"):
         displacement = displacement.astype(jnp.float32)
     if order == 1 and not jnp.issubdtype(image.dtype, jnp.floating):
         image = image.astype(jnp.float32)
+    return _warp_core(image, displacement, order=order, padding=padding)
+
+
+@functools.partial(jax.jit, static_argnames=("order", "padding"))
+def _warp_core(image, displacement, *, order, padding):
+    ndim = displacement.shape[-1]
+    batch = displacement.shape[0]
     if image.shape[0] != batch:
         image = jnp.broadcast_to(image, (batch,) + image.shape[1:])
-
     if padding == "zeros":
         # One zero voxel on every side turns "zeros" into "border" on the padded image.
         image = jnp.pad(image, [(0, 0)] + [(1, 1)] * ndim + [(0, 0)])
