@@ -211,15 +211,12 @@ def _warp_linear_jvp(offset, primals, tangents):
     full = index[..., None] + base
     offsets = _corner_offsets(spatial)
     fr = [f[..., None].astype(image.dtype) for f in fracs]
-    out_dot = None
-    if _is_zero(disp_dot):
-        out = _gather_lerp(table, full, offsets, fr, ndim)
-    else:
+    with_disp, with_image = not _is_zero(disp_dot), not _is_zero(image_dot)
+    vals = {bits: _take(table, full + off) for bits, off in offsets.items()}
+    outputs = [_lerp_tree(vals.__getitem__, fr, ndim)]
+    if with_disp:
         # d out / d coordinate k interpolates the corner differences along k over the other
         # axes; it is zero where the coordinate is clamped (border padding).
-        vals = {bits: _take(table, full + off) for bits, off in offsets.items()}
-        out = _lerp_tree(vals.__getitem__, fr, ndim)
-        jac = []
         for k in range(ndim):
             others = [fr[j] for j in range(ndim) if j != k]
 
@@ -227,15 +224,28 @@ def _warp_linear_jvp(offset, primals, tangents):
                 return vals[bits[:k] + (1,) + bits[k:]] - vals[bits[:k] + (0,) + bits[k:]]
 
             dk = _lerp_tree(diff, others, ndim - 1)
-            jac.append(jnp.where(inside[k][..., None], dk, 0.0))
-        out, *jac = _one_loop(out, *jac)
+            outputs.append(jnp.where(inside[k][..., None], dk, 0.0))
+    if with_image:
+        # Corner index and fractions, saved for the scatter-adds of the image cotangent.
+        outputs.append(jnp.broadcast_to(full, outputs[0].shape))
+        outputs.extend(jnp.broadcast_to(f, outputs[0].shape) for f in fr)
+    if len(outputs) > 1:
+        outputs = _one_loop(*outputs)
+    out, outputs = outputs[0], list(outputs[1:])
+    out_dot = None
+    if with_disp:
+        jac, outputs = outputs[:ndim], outputs[ndim:]
         for k in range(ndim):
             term = jac[k] * disp_dot[..., k, None].astype(image.dtype)
             out_dot = term if out_dot is None else out_dot + term
-    if not _is_zero(image_dot):
+    if with_image:
+        full, fr = outputs[0], outputs[1:]
         table_dot, _ = _channel_table(image_dot)
-        term = _gather_lerp(table_dot, full, offsets, fr, ndim)
-        out_dot = term if out_dot is None else out_dot + term
+        for bits, off in offsets.items():
+            term = _take(table_dot, full + off)
+            for k, bit in enumerate(bits):
+                term = term * (fr[k] if bit else 1.0 - fr[k])
+            out_dot = term if out_dot is None else out_dot + term
     if out_dot is None:
         out_dot = jnp.zeros_like(out)
     return out, out_dot

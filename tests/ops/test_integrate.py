@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from jax.test_util import check_grads
 
 from medjax.ops import (
     grid_to_displacement,
@@ -106,6 +107,20 @@ def test_velocity_inverse_composes_to_identity():
     inner = composed[:, 4:-4, 4:-4]
     assert np.abs(v).max() > 0.3
     assert np.abs(inner).max() < 0.05 * np.abs(v).max()
+
+
+def test_velocity_gradient_finite_differences():
+    # Scaling and squaring warps the field with itself: both warp arguments are differentiated.
+    rng = np.random.default_rng(3)
+    v = ndi.gaussian_filter(rng.standard_normal((1, 6, 5, 2)), (0, 1, 1, 0)) * 3
+    with jax.enable_x64(True):
+        check_grads(
+            lambda x: integrate_velocity(x, steps=3),
+            (jax.numpy.asarray(v, jax.numpy.float64),),
+            order=1,
+            modes=("fwd", "rev"),
+            eps=1e-6,
+        )
 
 
 def test_velocity_jit_and_validation():

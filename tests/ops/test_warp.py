@@ -172,6 +172,92 @@ def test_displacement_only_gradient_does_no_scatter():
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-6, atol=1e-6)
 
 
+def test_gradient_does_not_gather_again():
+    # The output and its displacement derivatives share the 2**ndim corner gathers; the backward
+    # pass reuses them (and scatters for the image) instead of gathering again.
+    img, disp = _random((1, 6, 7, 5, 2), 1.5, 11)
+
+    def loss(d, i):
+        return jnp.sum(warp(i, d) ** 2)
+
+    for argnums in (0, (0, 1)):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=argnums))(disp, img))
+        assert jaxpr.count("gather[") == 8
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 3), (2, 4, 5, 3, 2)])
+def test_linear_in_the_image(shape):
+    # warp is linear in the image: its JVP w.r.t. the image is warp itself, and its VJP is the
+    # adjoint (<warp(x), y> == <x, vjp(y)>).
+    img, disp = _random(shape, 2.0, 12)
+    rng = np.random.default_rng(13)
+    tangent = rng.standard_normal(shape).astype(np.float32)
+    cot = rng.standard_normal(shape).astype(np.float32)
+    _, jvp = jax.jvp(lambda i: warp(i, disp), (img,), (tangent,))
+    np.testing.assert_allclose(np.asarray(jvp), np.asarray(warp(tangent, disp)), atol=1e-6)
+    (vjp,) = jax.vjp(lambda i: warp(i, disp), img)[1](cot)
+    lhs = np.sum(np.asarray(warp(tangent, disp), np.float64) * cot)
+    rhs = np.sum(tangent.astype(np.float64) * np.asarray(vjp))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+def test_single_argument_gradients_match_joint():
+    # Differentiating one argument takes other code paths than differentiating both (checked
+    # against torch and finite differences above); they must agree.
+    img, disp = _random((2, 5, 6, 4, 3), 1.5, 14)
+    cot = np.random.default_rng(15).standard_normal(img.shape).astype(np.float32)
+
+    def loss(i, d):
+        return jnp.sum(warp(i, d, padding="zeros") * cot)
+
+    g_img, g_disp = jax.grad(loss, argnums=(0, 1))(img, disp)
+    np.testing.assert_allclose(np.asarray(jax.grad(loss, 0)(img, disp)), np.asarray(g_img))
+    np.testing.assert_allclose(np.asarray(jax.grad(loss, 1)(img, disp)), np.asarray(g_disp))
+    # One image shared by the batch: its gradient sums over the displacements.
+    g_shared = jax.grad(loss, 0)(img[:1], disp)
+    tiled = jax.grad(loss, 0)(np.broadcast_to(img[:1], img.shape), disp)
+    np.testing.assert_allclose(np.asarray(g_shared)[0], np.asarray(tiled).sum(0), atol=1e-5)
+
+
+def test_linear_transpose_of_the_jvp_is_the_vjp():
+    img, disp = _random((1, 5, 4, 6, 2), 1.5, 16)
+    cot = np.random.default_rng(17).standard_normal(img.shape).astype(np.float32)
+
+    def tangent_map(ti, td):
+        return jax.jvp(warp, (img, disp), (ti, td))[1]
+
+    transposed = jax.linear_transpose(tangent_map, img, disp)(cot)
+    vjp = jax.vjp(warp, img, disp)[1](cot)
+    for a, b in zip(transposed, vjp, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 5, 2), (1, 3, 4, 3, 1)])
+def test_second_order_gradients(shape):
+    img, disp = _random(shape, 1.5, 18)
+    with jax.enable_x64(True):
+        check_grads(
+            lambda i, d: jnp.sum(jnp.sin(warp(i, d))),
+            (jnp.asarray(img, jnp.float64), jnp.asarray(disp, jnp.float64)),
+            order=2,
+            modes=("fwd", "rev"),
+            eps=1e-5,
+        )
+
+
+def test_vmap_of_gradients():
+    img, disp = _random((3, 5, 4, 6, 2), 1.5, 19)
+
+    def loss(i, d):
+        return jnp.sum(jnp.sin(warp(i, d)))
+
+    batched = jax.vmap(jax.grad(loss, argnums=(0, 1)))(img[:, None], disp[:, None])
+    for b in range(3):
+        single = jax.grad(loss, argnums=(0, 1))(img[b : b + 1], disp[b : b + 1])
+        for got, want in zip(batched, single, strict=True):
+            np.testing.assert_allclose(np.asarray(got[b]), np.asarray(want), atol=1e-5)
+
+
 def test_jit_vmap_and_channels():
     img, disp = _random((2, 6, 7, 5, 3), 1.5, 8)
     out = np.asarray(jax.jit(warp)(img, disp))
