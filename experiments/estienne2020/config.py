@@ -34,10 +34,10 @@ def get_config(variant=None):
     quick = variant == "quick"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.num_steps = 400 if quick else 200 * 100
+    c.num_steps = 150 if quick else 200 * 100
     c.batch_size = 2
-    c.checkpoint_every = 200 if quick else 1000
-    c.log_every = 50 if quick else 100
+    c.checkpoint_every = 75 if quick else 1000
+    c.log_every = 25 if quick else 100
     c.eval_every = 0 if quick else 100  # validation every 100 batches in the paper
     c.eval_batch_size = 2
 
@@ -51,6 +51,14 @@ def get_config(variant=None):
     c.synthetic.num_test_pairs = 8 if quick else 32
     c.synthetic.num_modalities = 4
     c.synthetic.seed = 1234
+    # Extra smooth random deformation per subject (on top of the phantom's own anatomy variation,
+    # which is only about 1 voxel at 32^3): uniform rotation (+-deg), scale (1 +- s), translation
+    # (+-voxels) and Gaussian-smoothed noise of std ``elastic`` voxels and width ``elastic_sigma``.
+    c.synthetic.rotation = 4.0
+    c.synthetic.scale = 0.04
+    c.synthetic.translation = 1.0 if quick else 2.0
+    c.synthetic.elastic = 1.0 if quick else 2.0
+    c.synthetic.elastic_sigma = 5.0 if quick else 10.0
     c.brats_crop = (144, 208, 144)
     c.oasis_crop = (160, 176, 208)
     c.brats_split = (199, 26, 60)  # train / val / test cases

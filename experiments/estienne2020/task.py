@@ -47,13 +47,52 @@ TUMOUR_CLASSES = ("ncr", "ed", "et")
 # ------------------------------------------------------------------------------------------ data
 
 
+def _rotation(angles):
+    """(3,) radians -> (3, 3): rotations about axes 0, 1, 2 in turn."""
+    out = np.eye(3)
+    for axis, a in enumerate(angles):
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i] = r[j, j] = np.cos(a)
+        r[j, i], r[i, j] = np.sin(a), -np.sin(a)
+        out = r @ out
+    return out
+
+
+def subject_deformation(seed, shape, deform):
+    """Smooth random displacement (*S, 3) in voxels of one synthetic subject (deterministic in seed).
+
+    ``deform`` = (rotation deg, scale, translation voxels, elastic std voxels, elastic sigma voxels):
+    a uniform random affine (about the centre) plus Gaussian-smoothed noise
+    (:func:`medjax.data.transforms.elastic_displacement`). All zeros gives zero displacement.
+    """
+    rot, scale, shift, mag, sigma = (float(v) for v in deform)
+    rng = np.random.default_rng([int(seed), 7919])
+    angles = np.deg2rad(rng.uniform(-rot, rot, 3))
+    factors = rng.uniform(1.0 - scale, 1.0 + scale, 3)
+    matrix = (_rotation(angles) * factors[None, :]).astype(np.float32)[None]
+    translation = rng.uniform(-shift, shift, (1, 3)).astype(np.float32)
+    disp = transforms.affine_displacement(matrix, translation, shape)
+    if mag > 0:
+        key = jax.random.key(int(rng.integers(2**31)))
+        disp = disp + transforms.elastic_displacement(key, 1, shape, sigma=sigma, magnitude=mag)
+    return np.asarray(disp)[0]
+
+
 @functools.lru_cache(maxsize=1024)
-def _phantom(seed, shape, modalities):
+def _phantom(seed, shape, modalities, deform=(0.0, 0.0, 0.0, 0.0, 4.0)):
     s = synthetic.brain_phantom(seed, shape, modalities=modalities)
+    image, anatomy, tumour = s["image"], s["anatomy"], s["tumour"]
+    if any(float(v) for v in deform[:4]):
+        disp = jnp.asarray(subject_deformation(seed, shape, deform)[None])
+        image = np.asarray(ops.warp(jnp.asarray(image[None]), disp, order=1, padding="zeros"))[0]
+        labels = jnp.asarray(np.stack([anatomy, tumour], -1)[None].astype(np.float32))
+        labels = np.asarray(ops.warp(labels, disp, order=0, padding="zeros"))[0]
+        anatomy, tumour = np.rint(labels[..., 0]), np.rint(labels[..., 1])
     return {
-        "image": transforms.zscore(s["image"]).astype(np.float32),
-        "anatomy": s["anatomy"].astype(np.int32),
-        "tumour": s["tumour"].astype(np.int32),
+        "image": transforms.zscore(image).astype(np.float32),
+        "anatomy": anatomy.astype(np.int32),
+        "tumour": tumour.astype(np.int32),
     }
 
 
@@ -90,10 +129,17 @@ class SyntheticData:
         self.train_seeds = [base + i for i in range(int(s.num_train))]
         self.val_seeds = [base + 100_000 + i for i in range(4)]
         self.test_seeds = [base + 200_000 + i for i in range(2 * int(s.num_test_pairs))]
+        self.deform = (
+            float(s.rotation),
+            float(s.scale),
+            float(s.translation),
+            float(s.elastic),
+            float(s.elastic_sigma),
+        )
 
     def subject(self, seed):
         """Normalised subject dict: image (*S, M), anatomy (*S), tumour (*S)."""
-        return _phantom(int(seed), self.shape, self.modalities)
+        return _phantom(int(seed), self.shape, self.modalities, self.deform)
 
     def train_source(self):
         """(source over moving subjects, transform drawing the fixed partner per epoch)."""

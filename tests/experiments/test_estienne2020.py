@@ -24,6 +24,12 @@ TINY = [
     "--config.model.enc_convs=(1,2,2)",
     "--config.model.dec_convs=(2,1)",
 ]
+NO_EXTRA_DEFORMATION = [
+    "--config.synthetic.rotation=0.0",
+    "--config.synthetic.scale=0.0",
+    "--config.synthetic.translation=0.0",
+    "--config.synthetic.elastic=0.0",
+]
 
 
 def _affine(seed):
@@ -40,7 +46,8 @@ def _write_nifti(path, array, affine):
 
 def test_synthetic_train_eval_predict(tmp_path, capsys):
     work = tmp_path / "run"
-    assert main(["train", "estienne2020", "--variant", "quick", "--workdir", str(work), *TINY]) == 0
+    args = ["train", "estienne2020", "--variant", "quick", "--workdir", str(work), *TINY]
+    assert main(args + NO_EXTRA_DEFORMATION) == 0
     assert main(["eval", "estienne2020", "--workdir", str(work)]) == 0
     res = json.loads((work / "results.json").read_text())
     assert res["experiment"] == "estienne2020" and res["checkpoint_step"] == 3
@@ -151,6 +158,33 @@ def test_oasis_folder_registration_only(tmp_path):
     for k in ("anatomical_dice_before", "anatomical_dice_after"):
         assert math.isfinite(res[k]) and 0.0 < res[k] <= 1.0, (k, res[k])
     assert "tumour_dice_whole" not in res  # no tumour labels in OASIS
+
+
+def test_subject_deformation_closed_forms():
+    from medjax import metrics
+    from medjax.train import load_experiment
+
+    task = load_experiment("estienne2020").task_module
+    shape = (16, 16, 16)
+    zero = task.subject_deformation(3, shape, (0.0, 0.0, 0.0, 0.0, 4.0))
+    np.testing.assert_allclose(zero, 0.0, atol=1e-6)
+    # a pure translation: the same vector everywhere, each component within +-2 voxels
+    shift = task.subject_deformation(3, shape, (0.0, 0.0, 2.0, 0.0, 4.0))
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0, 0, 0], shift.shape), atol=1e-5)
+    assert np.all(np.abs(shift[0, 0, 0]) <= 2.0) and np.any(np.abs(shift[0, 0, 0]) > 0.01)
+    # a pure rotation about the centre: affine (zero second differences), volume preserving
+    rot = task.subject_deformation(4, shape, (10.0, 0.0, 0.0, 0.0, 4.0))
+    for ax in range(3):
+        np.testing.assert_allclose(np.diff(rot, n=2, axis=ax), 0.0, atol=1e-4)
+    det = np.asarray(metrics.jacobian_determinant(rot[None]))[0]
+    np.testing.assert_allclose(det[2:-2, 2:-2, 2:-2], 1.0, atol=1e-4)
+    assert np.abs(rot).max() > 0.1
+    # deterministic in the seed, different across seeds
+    again = task.subject_deformation(4, shape, (10.0, 0.05, 1.0, 1.0, 4.0))
+    np.testing.assert_array_equal(
+        again, task.subject_deformation(4, shape, (10.0, 0.05, 1.0, 1.0, 4.0))
+    )
+    assert not np.allclose(again, task.subject_deformation(5, shape, (10.0, 0.05, 1.0, 1.0, 4.0)))
 
 
 def test_config_variants_and_validation():
