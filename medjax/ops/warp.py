@@ -3,10 +3,11 @@
 The (bi/tri)linear sampler computes the lower cell corner and fractions itself and reads the
 ``2**ndim`` corners with scalar gathers from the flattened, channel-first image (XLA's CPU gather is
 much faster for scalar elements than for rows). It has a custom JVP that is linear in the tangents.
-When the displacement is differentiated, the JVP computes the output and the ``ndim`` partial
-derivatives from the same gathered corners in one loop (see ``_one_loop``); reverse mode then costs
-one elementwise product for the displacement, and scatter-adds for the image only when the image is
-differentiated.
+The JVP computes the output together with what reverse mode needs (the ``ndim`` partial derivatives
+when the displacement is differentiated; the corner index and fractions when the image is) in one
+loop over the gathered corners (see ``_one_loop``). Reverse mode then costs one elementwise product
+for the displacement, and ``2**ndim`` scatter-adds for the image only when the image is
+differentiated. Forward mode, ``vmap``, ``linear_transpose`` and higher derivatives work too.
 """
 
 import functools
