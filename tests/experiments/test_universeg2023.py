@@ -12,7 +12,7 @@ from medjax.train.config import config_from_json, load_config
 from medjax.train.experiment import load_experiment
 from medjax.train.mesh import make_mesh, replicated
 
-# 16x16 tasks, a 4-channel UniverSeg and no augmentation keep compilation to seconds.
+# 16x16 tasks, a 2-level 4-channel UniverSeg and no augmentation keep compilation to seconds.
 TINY = [
     "--config.num_steps=3",
     "--config.batch_size=4",
@@ -27,7 +27,7 @@ TINY = [
     "--config.data.task_augment.rot90=0.0",
     "--config.data.task_augment.boundary=0.0",
     "--config.data.task_augment.invert=0.0",
-    "--config.model.features=(4,4,4,4)",
+    "--config.model.features=(4,4)",
     "--config.eval.support_sizes=(1,2)",
     "--config.eval.queries_per_task=2",
     "--config.eval.ensemble=2",
