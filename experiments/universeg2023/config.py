@@ -1,7 +1,7 @@
 """UniverSeg in-context segmentation (Butoi et al., ICCV 2023): configs.
 
-Run (quick: synthetic task families at 32x32, an 8-channel UniverSeg, 1000 steps: about 5 minutes of
-training plus a few minutes of evaluation on 2 CPU cores):
+Run (quick: synthetic task families at 32x32, an 8-channel UniverSeg, 1000 steps: measured 9 min of
+training and 12 min of evaluation on a shared, loaded 2-core CPU):
 
     medjax train universeg2023 --variant quick --workdir runs/universeg2023_quick
     medjax eval universeg2023 --workdir runs/universeg2023_quick
@@ -9,8 +9,8 @@ training plus a few minutes of evaluation on 2 CPU cores):
 Evaluation reports Dice on HELD-OUT synthetic task families (shape kinds and intensity styles never
 seen in training) against the support size (1 ... 64), with and without ensembling over random
 support sets, next to a small U-Net trained per task on its support set only and the untrained
-UniverSeg floor. Expected (quick): trained UniverSeg well above the untrained floor at every support
-size and improving with support size; see README.md for the measured table.
+UniverSeg floor. Expected (quick, measured): held-out Dice 26 (S=1) -> 38 (S=64), 29 -> 38 with
+ensembling, untrained floor ~9; see README.md for the table.
 
 "paper" is the published network and setting: 128x128, 64 channels per CrossBlock (1,182,785
 parameters), support size 64, Adam, soft Dice. The paper trains on MegaMedical (53 datasets, not
