@@ -1,6 +1,7 @@
 """Joint brain registration + tumour segmentation (Estienne et al. 2020): configs.
 
-Run (quick, synthetic phantom pairs, a few minutes on 2 CPU cores):
+Run (quick, synthetic phantom pairs at 32^3, 150 steps; 17 min wall on a 2-core CPU shared with
+3-4 other jobs, 8.8 min of CPU time):
 
     medjax train estienne2020 --variant quick --workdir runs/estienne2020_quick
     medjax eval estienne2020 --workdir runs/estienne2020_quick
@@ -9,9 +10,9 @@ The full ablation table (joint+sub+mask, joint+concat, no mask, VoxelMorph, seg-
 
     python experiments/estienne2020/compare.py --variant quick --workdir runs/estienne2020_compare
 
-Expected (quick): trained anatomical Dice after warping clearly above the identity's on the
-synthetic test pairs (see README.md for the measured table). "paper" is the published setting
-(BraTS crop 144x208x144, f=8, Adam 2e-3, batch 2, reduce-on-plateau x0.2 after 30 epochs without
+Expected (quick, measured): anatomical Dice 0.331 (identity) -> 0.355 after warping on the 8
+synthetic test pairs (7 of 8 improve), image MSE 0.553 -> 0.393 (see README.md for the table).
+"paper" is the published setting (BraTS crop 144x208x144, f=8, Adam 2e-3, batch 2, reduce-on-plateau x0.2 after 30 epochs without
 improvement, early stopping after 50) and needs real data (``--config.data=brats
 --config.data_dir=...``) and a GPU.
 
