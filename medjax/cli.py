@@ -180,9 +180,19 @@ def _eval(args, overrides):
         "checkpoint_step": step,
         **results,
     }
+    report = experiment.report(record)
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(json.dumps(record, default=str))
+        (workdir / "results.md").write_text(report + "\n")
+        print(report)
+        print(f"\nresults:     {workdir / 'results.json'} (this table: {workdir / 'results.md'})")
+        figures = sorted(
+            p for p in workdir.rglob("*.png") if "checkpoints" not in p.relative_to(workdir).parts
+        )
+        if figures:
+            folders = sorted({str(p.parent) for p in figures})
+            print(f"figures:     {len(figures)} PNG in {', '.join(folders)}")
+        print(f"checkpoint:  {workdir / 'checkpoints'} (step {step})")
     return 0
 
 

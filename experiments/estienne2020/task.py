@@ -525,6 +525,43 @@ class Experiment(medjax.train.Experiment):
         results["per_pair"] = per
         return results
 
+    def report(self, results):
+        """Markdown table of ``evaluate()``'s results: before (identity) and after warping."""
+
+        def cell(key):
+            mean, std = results.get(key), results.get(f"{key}_std")
+            if not isinstance(mean, int | float) or not np.isfinite(mean):
+                return "-"
+            return f"{mean:.3f} ± {std:.3f}" if isinstance(std, float) else f"{mean:.3f}"
+
+        rows = [
+            ("anatomical Dice", "anatomical_dice"),
+            ("Dice near tumour", "dice_near_tumour"),
+            ("Dice far from tumour", "dice_far_tumour"),
+            ("image MSE", "image_mse"),
+        ]
+        lines = [
+            f"{self.kind} model, {results.get('num_test_pairs', 0)} test pairs ({results.get('data')} "
+            f"data), checkpoint step {results.get('checkpoint_step', '?')}; mean ± std over pairs",
+            "",
+            "| metric | before (identity) | after |",
+            "|---|---|---|",
+        ]
+        for label, key in rows:
+            if f"{key}_after" in results:
+                lines.append(f"| {label} | {cell(key + '_before')} | {cell(key + '_after')} |")
+        for label, key in (("% folding voxels", "folding_percent"), ("Jacobian std", "jacobian_std")):
+            lines.append(f"| {label} | 0.000 | {cell(key)} |")
+        for c in (*TUMOUR_CLASSES, "whole"):
+            if f"tumour_dice_{c}" in results:
+                lines.append(f"| tumour Dice {c.upper()} | - | {cell(f'tumour_dice_{c}')} |")
+        per = results.get("per_pair", {})
+        before, after = per.get("anatomical_dice_before"), per.get("anatomical_dice_after")
+        if before and after:
+            better = sum(a > b for a, b in zip(after, before, strict=True))
+            lines += ["", f"anatomical Dice improves on {better} of {len(after)} test pairs"]
+        return "\n".join(lines)
+
     def _figures(self, fig_dir, pair, out, warped_lab):
         import matplotlib
 

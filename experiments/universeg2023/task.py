@@ -12,7 +12,6 @@ the untrained UniverSeg floor.
 from __future__ import annotations
 
 import functools
-import json
 import pathlib
 
 import flax.linen as nn
@@ -224,7 +223,7 @@ class Experiment(medjax.train.Experiment):
         return np.stack(scores)
 
     def evaluate(self, state, workdir):
-        """Dice on held-out families vs support size; writes results.md and dice_vs_support.png."""
+        """Dice on held-out families vs support size; writes dice_vs_support.png."""
         e = self.config.eval
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -259,10 +258,22 @@ class Experiment(medjax.train.Experiment):
             "ensemble": int(e.ensemble),
             "step": int(state.step),
         }
-        (workdir / "results.md").write_text(results_table(results) + "\n")
         plot_dice_vs_support(results, workdir / "dice_vs_support.png")
-        (workdir / "eval_results.json").write_text(json.dumps(results, indent=1))
         return results
+
+    def report(self, results):
+        """Markdown table of mean held-out Dice (%) against support size, and per family."""
+        fams = results.get("dice_per_family_at_max_support", {})
+        lines = [
+            f"UniverSeg at step {results['step']}: mean Dice (%) on {results['num_heldout_tasks']} "
+            f"held-out tasks x {results['queries_per_task']} queries",
+            "",
+            results_table(results),
+        ]
+        if fams:
+            per = ", ".join(f"{f} {100 * v:.1f}" for f, v in fams.items())
+            lines += ["", f"per held-out family at the largest support size: {per}"]
+        return "\n".join(lines)
 
 
 NAMES = {

@@ -23,6 +23,7 @@ __all__ = [
     "find_experiments_dir",
     "list_experiments",
     "load_experiment",
+    "scalar_table",
 ]
 
 ENV_VAR = "MEDJAX_EXPERIMENTS_DIR"
@@ -63,6 +64,13 @@ class Experiment:
         """Host-side evaluation; returns a JSON-serialisable dict (written to results.json)."""
         raise NotImplementedError(f"{type(self).__name__}.evaluate is not implemented")
 
+    def report(self, results) -> str:
+        """Markdown summary of ``evaluate()``'s results: printed by ``medjax eval``, saved as results.md.
+
+        The default lists the scalar entries; experiments override it with their own table.
+        """
+        return scalar_table(results)
+
     def validate(self, state):
         """Optional: validation metrics dict (host floats), run every ``eval_every`` steps."""
         raise NotImplementedError(f"{type(self).__name__}.validate is not implemented")
@@ -74,6 +82,17 @@ class Experiment:
     def implements(self, method: str) -> bool:
         """Whether this experiment overrides the base class's ``method`` (e.g. ``"validate"``)."""
         return getattr(type(self), method, None) is not getattr(Experiment, method, None)
+
+
+def scalar_table(results: dict) -> str:
+    """Markdown table ``| key | value |`` of the int/float/str entries of ``results`` (others skipped)."""
+    lines = ["| result | value |", "|---|---|"]
+    for key, value in results.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            continue
+        cell = f"{value:.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {cell} |")
+    return "\n".join(lines)
 
 
 def find_experiments_dir() -> pathlib.Path:

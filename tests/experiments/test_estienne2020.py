@@ -48,10 +48,17 @@ def test_synthetic_train_eval_predict(tmp_path, capsys):
     work = tmp_path / "run"
     args = ["train", "estienne2020", "--variant", "quick", "--workdir", str(work), *TINY]
     assert main(args + NO_EXTRA_DEFORMATION) == 0
+    capsys.readouterr()
     assert main(["eval", "estienne2020", "--workdir", str(work)]) == 0
     res = json.loads((work / "results.json").read_text())
     assert res["experiment"] == "estienne2020" and res["checkpoint_step"] == 3
     assert res["num_test_pairs"] == 2
+    # eval prints the before/after table (also saved as results.md) and where everything is
+    printed = capsys.readouterr().out
+    row = f"| anatomical Dice | {res['anatomical_dice_before']:.3f} ± "
+    assert row in printed and row in (work / "results.md").read_text()
+    assert f"{res['anatomical_dice_after']:.3f} ± {res['anatomical_dice_after_std']:.3f} |" in printed
+    assert str(work / "figures") in printed and str(work / "checkpoints") in printed
     keys = [
         "anatomical_dice_before",
         "anatomical_dice_after",
