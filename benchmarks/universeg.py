@@ -17,6 +17,11 @@ resident memory the case needed at its peak. For medjax the XLA buffer plan of t
 re-creation of the official ``JJGO/UniverSeg`` module used by the weight-import parity test
 (``tests/models/test_universeg.py``), with torch given as many threads as XLA.
 
+Throughput: XLA's own FLOP count of the compiled medjax step (``compiled.cost_analysis()``) divided
+by each library's median time (the two run the same network, so the count serves both), and its
+share of this machine's peak measured in the same run: a jitted 2048x2048 float32 matmul, and a
+3x3 64->64 conv on 16x128x128 (the shape that dominates UniverSeg) under XLA and torch.
+
 Results go to benchmarks/results/universeg.json with the load average, CPU count and versions.
 CPU timings are noisy when other jobs share the machine: check the recorded load and repeat.
 """
@@ -128,8 +133,48 @@ def medjax_worker(kind, b, s, repeats):
         extra["xla_temp_plus_output_mib"] = (
             ma.temp_size_in_bytes + ma.output_size_in_bytes
         ) / 2**20
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost and cost.get("flops"):
+        extra["flops"] = float(cost["flops"])
     extra["version"] = jax.__version__
     return times, extra
+
+
+def peak_worker(threads):
+    """GFLOP/s of a 2048^2 matmul (XLA) and a 3x3 64->64 conv at 16x128x128 (XLA and torch)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    out = {}
+    n = 2048
+    a = jnp.asarray(np.random.default_rng(0).random((n, n), dtype=np.float32))
+    mm = jax.jit(lambda x: x @ x)
+    out["xla_matmul_gflops"] = (
+        2 * n**3 / statistics.median(_time(lambda: mm(a).block_until_ready(), 5)) / 1e9
+    )
+    x = jnp.asarray(np.random.default_rng(1).random((16, 128, 128, 64), dtype=np.float32))
+    w = jnp.asarray(np.random.default_rng(2).random((3, 3, 64, 64), dtype=np.float32))
+    conv = jax.jit(
+        lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
+    conv_flops = 2 * 16 * 128 * 128 * 64 * 64 * 9
+    t = statistics.median(_time(lambda: conv(x, w).block_until_ready(), 5))
+    out["xla_conv_gflops"] = conv_flops / t / 1e9
+    try:
+        import torch
+    except ImportError:
+        return out
+    torch.set_num_threads(threads)
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+    with torch.no_grad():
+        t = statistics.median(_time(lambda: torch.nn.functional.conv2d(tx, tw, padding=1), 5))
+    out["torch_conv_gflops"] = conv_flops / t / 1e9
+    return out
 
 
 def torch_worker(kind, b, s, repeats, threads):
@@ -176,6 +221,9 @@ def torch_worker(kind, b, s, repeats, threads):
 
 def _worker(args):
     lib, case = args.worker
+    if lib == "peak":
+        print("RESULT " + json.dumps(peak_worker(args.threads)))
+        return
     kind, b, s = CASES[case]
     repeats = args.train_repeats if kind == "train" else args.repeats
     if lib == "medjax":
@@ -215,18 +263,25 @@ def main(args):
     load_before = os.getloadavg()
     t_start = time.perf_counter()
     raw = {lib: {} for lib in libs}
+    peak = _run_worker("peak", "-", args)
     for case in CASES:
         for lib in libs:
             raw[lib][case] = _run_worker(lib, case, args)
     load_after = os.getloadavg()
+    matmul_peak = peak["xla_matmul_gflops"]
 
     rows = []
     print(
         f"UniverSeg v1 (64 ch), {SIZE}x{SIZE}, {args.threads} threads, median (fastest) of "
         f"{args.repeats} inference / {args.train_repeats} train runs, load {load_before[0]:.1f}"
     )
+    print(
+        f"measured peak: XLA matmul {matmul_peak:.0f} GFLOP/s, XLA 3x3 conv "
+        f"{peak['xla_conv_gflops']:.0f} GFLOP/s, torch 3x3 conv "
+        f"{peak.get('torch_conv_gflops', float('nan')):.0f} GFLOP/s"
+    )
     header = f"{'case':<16}{'medjax ms':>18}{'torch ms':>18}{'ratio':>7}{'medjax MiB':>12}"
-    header += f"{'torch MiB':>11}"
+    header += f"{'torch MiB':>11}{'GFLOP':>8}{'mj GF/s':>9}{'%peak':>7}{'th GF/s':>9}"
     print(header)
     print("-" * len(header))
     for case, (kind, b, s) in CASES.items():
@@ -257,6 +312,16 @@ def main(args):
             line += f"{'-':>18}{'-':>7}"
         line += f"{row['medjax_peak_rss_increase_mib']:>12.0f}"
         line += f"{row.get('torch_peak_rss_increase_mib', float('nan')):>11.0f}"
+        if m.get("flops"):
+            row["gflop"] = m["flops"] / 1e9
+            row["medjax_gflops"] = row["gflop"] / (row["medjax_ms"] / 1e3)
+            row["medjax_share_of_matmul_peak"] = row["medjax_gflops"] / matmul_peak
+            line += f"{row['gflop']:>8.1f}{row['medjax_gflops']:>9.1f}"
+            line += f"{100 * row['medjax_share_of_matmul_peak']:>6.0f}%"
+            if has_torch:
+                row["torch_gflops"] = row["gflop"] / (row["torch_ms"] / 1e3)
+                row["torch_share_of_matmul_peak"] = row["torch_gflops"] / matmul_peak
+                line += f"{row['torch_gflops']:>9.1f}"
         rows.append(row)
         print(line)
 
@@ -273,12 +338,17 @@ def main(args):
         "wall_s": time.perf_counter() - t_start,
         "memory": "peak RSS increase (ru_maxrss after timed runs - before warm-up) of a fresh "
         "subprocess per case; medjax also: XLA temp + output buffers of the compiled step",
+        "peak_gflops": peak,
+        "flops": "XLA cost_analysis() of the compiled medjax step, used for both libraries",
         "reference": "PyTorch re-creation of JJGO/UniverSeg v1 (tests/models/test_universeg.py)"
         if has_torch
         else None,
         "versions": {
             "python": platform.python_version(),
-            **{lib: raw[lib][next(iter(CASES))]["version"] for lib in libs},
+            **{
+                {"medjax": "jax"}.get(lib, lib): raw[lib][next(iter(CASES))]["version"]
+                for lib in libs
+            },
         },
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -20,7 +20,8 @@ def test_notebook_executes(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     env_backup = dict(os.environ)
     os.environ["MPLBACKEND"] = "Agg"
-    os.environ["MEDJAX_NOTEBOOK_WORKDIR"] = str(tmp_path)  # notebooks write runs here, not into the repo
+    # the notebooks write their runs here, not into the repository
+    os.environ["MEDJAX_NOTEBOOK_WORKDIR"] = str(tmp_path)
     try:
         client = nbclient.NotebookClient(
             nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

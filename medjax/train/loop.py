@@ -210,6 +210,11 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     )
     if start:
         progress.line(f"resuming {workdir} from step {start}")
+    elif num_steps:
+        progress.line(
+            f"training {num_steps} steps on {mesh.size} device(s), batch "
+            f"{config.get('batch_size', '?')} -> {workdir} (the first step compiles)"
+        )
 
     step_fn = _steps.compile_step(experiment.train_step, mesh, donate=True)
     track = jax.jit(_track_nonfinite)
@@ -272,6 +277,12 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
                 with jax.named_scope("train_step"):
                     state, metrics = step_fn(state, batch)
                 step += 1
+                if step == start + 1 and not progress.interactive:
+                    jax.block_until_ready(metrics)
+                    progress.line(
+                        f"first step done in {time.perf_counter() - t_start:.1f} s "
+                        "(compilation included)"
+                    )
                 if "loss" not in metrics:
                     raise ValueError(
                         f"train_step metrics: expected a 'loss' entry, got {sorted(metrics)}"
