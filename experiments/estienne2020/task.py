@@ -550,7 +550,10 @@ class Experiment(medjax.train.Experiment):
         for label, key in rows:
             if f"{key}_after" in results:
                 lines.append(f"| {label} | {cell(key + '_before')} | {cell(key + '_after')} |")
-        for label, key in (("% folding voxels", "folding_percent"), ("Jacobian std", "jacobian_std")):
+        for label, key in (
+            ("% folding voxels", "folding_percent"),
+            ("Jacobian std", "jacobian_std"),
+        ):
             lines.append(f"| {label} | 0.000 | {cell(key)} |")
         for c in (*TUMOUR_CLASSES, "whole"):
             if f"tumour_dice_{c}" in results:

@@ -263,7 +263,8 @@ def _warp_nearest(image, disp, offset):
     index = 0
     for k, n in enumerate(spatial):
         pos = jax.lax.broadcasted_iota(disp.dtype, disp.shape[:-1], 1 + k)
-        c = jnp.clip(jnp.round(disp[..., k] + (pos + offset)), 0.0, float(n - 1))
+        # Round before adding the padding offset: round-half-to-even does not commute with +1.
+        c = jnp.clip(jnp.round(disp[..., k] + pos) + offset, 0.0, float(n - 1))
         index = index + c.astype(jnp.int32) * strides[k]
     table, base = _channel_table(image)
     return _take(table, index[..., None] + base)

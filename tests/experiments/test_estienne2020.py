@@ -57,7 +57,9 @@ def test_synthetic_train_eval_predict(tmp_path, capsys):
     printed = capsys.readouterr().out
     row = f"| anatomical Dice | {res['anatomical_dice_before']:.3f} ± "
     assert row in printed and row in (work / "results.md").read_text()
-    assert f"{res['anatomical_dice_after']:.3f} ± {res['anatomical_dice_after_std']:.3f} |" in printed
+    assert (
+        f"{res['anatomical_dice_after']:.3f} ± {res['anatomical_dice_after_std']:.3f} |" in printed
+    )
     assert str(work / "figures") in printed and str(work / "checkpoints") in printed
     keys = [
         "anatomical_dice_before",

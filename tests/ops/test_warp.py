@@ -141,6 +141,25 @@ def test_gradients_match_torch_grid_sample(shape, padding):
     np.testing.assert_allclose(np.asarray(g_disp), ref_disp, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_nearest_rounds_half_to_even_with_both_paddings(padding):
+    # Exact half-voxel coordinates: NumPy's rint (half to even, like torch's nearbyint) as reference.
+    n = 7
+    img = np.arange(n * n, dtype=np.float32).reshape(1, n, n, 1)
+    disp = np.zeros((1, n, n, 2), np.float32)
+    disp[..., 0] = np.array([0.5, -0.5, 1.5, 2.5, -2.5, 0.5, 1.5])[:, None]
+    disp[..., 1] = 0.5
+    out = np.asarray(warp(img, disp, order=0, padding=padding))[0, ..., 0]
+    pos = np.indices((n, n)).transpose(1, 2, 0) + disp[0]
+    idx = np.rint(pos).astype(int)
+    inside = np.all((idx >= 0) & (idx <= n - 1), axis=-1)
+    clamped = np.clip(idx, 0, n - 1)
+    ref = img[0, clamped[..., 0], clamped[..., 1], 0]
+    if padding == "zeros":
+        ref = np.where(inside, ref, 0.0)
+    np.testing.assert_array_equal(out, ref)
+
+
 @pytest.mark.parametrize("shape", [(1, 5, 6, 2), (1, 4, 5, 4, 2)])
 @pytest.mark.parametrize("padding", ["border", "zeros"])
 def test_finite_difference_gradients(shape, padding):
