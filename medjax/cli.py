@@ -93,7 +93,12 @@ def _init_distributed(args):
 
 def _saved_config(workdir: pathlib.Path):
     path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--workdir: {path} is not valid JSON ({e})") from None
 
 
 def _existing_workdir(workdir: pathlib.Path):
@@ -171,6 +176,8 @@ def _eval(args, overrides):
     experiment, state, step = _restore(spec, config, workdir)
     import jax
 
+    from medjax.train.logging import write_text_atomic
+
     results = experiment.evaluate(state, workdir)
     if not isinstance(results, dict):
         raise TypeError(f"evaluate(): expected a dict, got {type(results).__name__}")
@@ -182,8 +189,10 @@ def _eval(args, overrides):
     }
     report = experiment.report(record)
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        (workdir / "results.md").write_text(report + "\n")
+        write_text_atomic(
+            workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n"
+        )
+        write_text_atomic(workdir / "results.md", report + "\n")
         print(report)
         print(f"\nresults:     {workdir / 'results.json'} (this table: {workdir / 'results.md'})")
         figures = sorted(

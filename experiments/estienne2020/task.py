@@ -712,8 +712,8 @@ class Experiment(medjax.train.Experiment):
         out_dir = pathlib.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = [
-            save_image(out_dir / "displacement.nii.gz", disp, affine=fix_img.affine),
-            save_image(out_dir / "warped.nii.gz", warped, affine=fix_img.affine),
+            save_image(out_dir / "displacement.nii.gz", disp, like=fix_img),
+            save_image(out_dir / "warped.nii.gz", warped, like=fix_img),
         ]
         if "seg_moving" in out:
             seg_m = np.argmax(out["seg_moving"][0][crop], -1).astype(np.int32)
@@ -722,9 +722,9 @@ class Experiment(medjax.train.Experiment):
                 ops.warp(seg_m[None, ..., None], disp[None], order=0, padding="border")
             )[0, ..., 0]
             written += [
-                save_image(out_dir / "seg_moving.nii.gz", seg_m, affine=mov_img.affine),
-                save_image(out_dir / "seg_fixed.nii.gz", seg_f, affine=fix_img.affine),
-                save_image(out_dir / "warped_seg.nii.gz", wseg, affine=fix_img.affine),
+                save_image(out_dir / "seg_moving.nii.gz", seg_m, like=mov_img),
+                save_image(out_dir / "seg_fixed.nii.gz", seg_f, like=fix_img),
+                save_image(out_dir / "warped_seg.nii.gz", wseg, like=fix_img),
             ]
         (out_dir / "predict.json").write_text(
             json.dumps({"moving": str(inputs[0]), "fixed": str(inputs[1]), "kind": self.kind})

@@ -121,12 +121,13 @@ def _find_nii(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
     return None
 
 
-def _record(id_, images, label, meta) -> dict:
+def _record(id_, images, label, meta, *, image_ndim=3) -> dict:
+    """A record; ``meta["image_ndim"]`` is the dimensionality of each image file (None: 3D or 4D)."""
     return {
         "id": str(id_),
         "image": [str(p) for p in images],
         "label": None if label is None else str(label),
-        "meta": meta,
+        "meta": {**meta, "image_ndim": image_ndim},
     }
 
 
@@ -261,7 +262,8 @@ def decathlon_records(root, *, split: str = "training") -> list[dict]:
         else:
             img = _existing(root, entry if isinstance(entry, str) else entry["image"], js_path)
             lab = None
-        records.append(_record(_case_id(img), [img], lab, dict(meta)))
+        # Decathlon images may be 4D (several modalities in one file).
+        records.append(_record(_case_id(img), [img], lab, dict(meta), image_ndim=None))
     return records
 
 
@@ -532,7 +534,9 @@ def load_record(
     if isinstance(paths, str | os.PathLike) or not paths:
         raise ValueError(f"record: 'image' must be a non-empty list of paths, got {paths!r}")
     meta = record.get("meta") or {}
-    images = [load_image(p, reorient=reorient, spacing=spacing) for p in paths]
+    # A 4D file where the layout stores one 3D volume per modality is an error, not extra channels.
+    ndim = meta.get("image_ndim")
+    images = [load_image(p, ndim=ndim, reorient=reorient, spacing=spacing) for p in paths]
     for im in images[1:]:
         check_pair(images[0], im)
     array = np.concatenate([im.array for im in images], axis=-1)

@@ -5,13 +5,30 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import sys
 import time
 
 import numpy as np
 
-__all__ = ["MetricsWriter", "Progress", "TensorBoardWriter", "format_metrics", "read_metrics"]
+__all__ = [
+    "MetricsWriter",
+    "Progress",
+    "TensorBoardWriter",
+    "format_metrics",
+    "read_metrics",
+    "write_text_atomic",
+]
+
+
+def write_text_atomic(path, text: str) -> pathlib.Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves old or new."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def _to_float(v):
@@ -30,7 +47,8 @@ def _json_value(v):
 class MetricsWriter:
     """Append one JSON object per logged step to ``path`` (``metrics.jsonl``).
 
-    Each line is ``{"step": int, "split": "train"|"val"|..., <name>: float, ...}``.
+    Each line is ``{"step": int, "loss": float, <name>: float, ...}``: the train metrics of that step
+    and, at a validation step, the validation metrics named ``val_*`` in the same object.
     """
 
     def __init__(self, path, *, enabled: bool = True):
@@ -52,11 +70,11 @@ class MetricsWriter:
                 continue  # a line cut short by a kill
             if int(record.get("step", 0)) <= step:
                 kept.append(json.dumps(record))
-        self.path.write_text("".join(k + "\n" for k in kept))
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
-    def write(self, step: int, metrics: dict, *, split: str = "train") -> dict:
+    def write(self, step: int, metrics: dict) -> dict:
         """Append ``metrics`` (host scalars or 0-d arrays) for ``step``; returns the record."""
-        record = {"step": int(step), "split": split}
+        record = {"step": int(step)}
         record.update({k: _json_value(_to_float(v)) for k, v in metrics.items()})
         if self.enabled:
             with self.path.open("a") as f:
@@ -64,22 +82,18 @@ class MetricsWriter:
         return record
 
 
-def read_metrics(path, split: str | None = None) -> list[dict]:
-    """Records of a ``metrics.jsonl`` file (optionally only one ``split``)."""
-    out = []
-    for line in pathlib.Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if split is None or r.get("split") == split:
-                out.append(r)
-    return out
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file, one dict per logged step."""
+    return [
+        json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()
+    ]
 
 
 def format_metrics(metrics: dict, *, digits: int = 4) -> str:
     """``"loss 0.1234 dice 0.8"``: a short one-line rendering of scalar metrics."""
     parts = []
     for k, v in metrics.items():
-        if k in ("step", "split"):
+        if k == "step":
             continue
         parts.append(f"{k} {v:.{digits}g}" if isinstance(v, float) else f"{k} {v}")
     return " ".join(parts)

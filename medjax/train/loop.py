@@ -21,7 +21,13 @@ from medjax.train import checkpoint as _ckpt
 from medjax.train import mesh as _mesh
 from medjax.train import steps as _steps
 from medjax.train.config import config_to_json, validate_config
-from medjax.train.logging import MetricsWriter, Progress, TensorBoardWriter, format_metrics
+from medjax.train.logging import (
+    MetricsWriter,
+    Progress,
+    TensorBoardWriter,
+    format_metrics,
+    write_text_atomic,
+)
 
 __all__ = ["NonFiniteLossError", "apply_lr_scale", "fit"]
 
@@ -162,7 +168,7 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     eval_metric = getattr(experiment, "eval_metric", None) if has_validate and eval_every else None
 
     if is_main:
-        (workdir / "config.json").write_text(config_to_json(config) + "\n")
+        write_text_atomic(workdir / "config.json", config_to_json(config) + "\n")
     config_dict = _jsonable(config.to_dict())
 
     rng = jax.random.PRNGKey(int(config.seed))
@@ -220,6 +226,7 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     track = jax.jit(_track_nonfinite)
     all_finite = jax.jit(_state_finite)
     first_bad = jnp.asarray(-1, jnp.int32)
+    val = None  # validation metrics of the current step, when it ran validate()
     step = start
     last_saved = start if start else None
     last_metrics = {}
@@ -288,29 +295,37 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
                         f"train_step metrics: expected a 'loss' entry, got {sorted(metrics)}"
                     )
                 first_bad = track(first_bad, metrics["loss"], np.int32(step))
-                if step % log_every == 0 or step == num_steps:
+                validate_now = bool(has_validate and eval_every and step % eval_every == 0)
+                val = None
+                if step % log_every == 0 or step == num_steps or validate_now:
                     bad = int(jax.device_get(first_bad))
                     if bad >= 0:
                         fail(f"non-finite loss at step {bad}")
                     last_metrics = _host(metrics)
-                    writer.write(step, last_metrics)
+                    record = dict(last_metrics)
                     tensorboard.write(step, last_metrics)
                     progress.update(step, last_metrics)
+                    if validate_now:
+                        check_finite(step)
+                        val = {k: float(v) for k, v in experiment.validate(state).items()}
+                        last_val = dict(val)
+                        # One metrics.jsonl object per step: validation entries named val_*.
+                        record.update(
+                            {k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()}
+                        )
+                        tensorboard.write(step, val, split="val")
+                        progress.line(f"step {step} validation: {format_metrics(val)}")
+                    writer.write(step, record)
                 else:
                     progress.update(step)
-                val = None
-                if has_validate and eval_every and step % eval_every == 0:
-                    check_finite(step)
-                    val = {k: float(v) for k, v in experiment.validate(state).items()}
-                    last_val = dict(val)
-                    writer.write(step, val, split="val")
-                    tensorboard.write(step, val, split="val")
-                    progress.line(f"step {step} validation: {format_metrics(val)}")
+                if val is not None:
                     if eval_metric is not None and eval_metric not in val:
                         raise ValueError(
                             f"validate(): expected the eval_metric {eval_metric!r} entry, "
                             f"got {sorted(val)}"
                         )
+                    if eval_metric is not None and not math.isfinite(val[eval_metric]):
+                        fail(f"non-finite validation {eval_metric} at step {step}")
                     if plateau is not None:
                         old = plateau.scale
                         scale = plateau.step(val[eval_metric])
@@ -325,7 +340,8 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
                 if stopped_early:
                     break
             if last_saved != step and step > 0:
-                save(step, last_val if last_val else None)
+                # Attach validation metrics only if they were measured on this very state.
+                save(step, val if val is not None else None)
     except KeyboardInterrupt:
         # A second Ctrl-C (or one outside the main thread): save when the state is intact.
         interrupted = True

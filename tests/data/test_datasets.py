@@ -99,6 +99,11 @@ def test_brats_2023_and_errors(tmp_path):
     _nii(d / f"{case}-seg.nii.gz", seg, affine=np.diag([2.0, 1.0, 1.0, 1.0]))
     with pytest.raises(DataFileError, match="affines disagree"):
         ds.load_record(recs[0])
+    _nii(d / f"{case}-seg.nii.gz", seg)
+    # a 4D file where BraTS stores one 3D volume per modality is refused, not taken as channels
+    _nii(d / f"{case}-t2w.nii.gz", np.zeros((*SHAPE, 2), np.float32))
+    with pytest.raises(DataFileError, match=r"t2w.nii.gz: expected a 3D array, got a 4D"):
+        ds.load_record(recs[0])
     (tmp_path / val / f"{val}-t2w.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks modalities \['t2'\]"):
         ds.brats_records(tmp_path)

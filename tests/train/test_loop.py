@@ -75,7 +75,7 @@ def test_interrupted_run_ends_bit_identical(tmp_path):
     la = read_metrics(tmp_path / "full" / "metrics.jsonl")
     lb = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert la == lb
-    assert [r["step"] for r in la if r["split"] == "train"] == list(range(1, 13))
+    assert [r["step"] for r in la] == list(range(1, 13))
 
 
 def test_interrupted_run_with_grain_pipeline_ends_bit_identical(tmp_path):
@@ -104,18 +104,14 @@ def test_metrics_jsonl_format_and_values(tmp_path):
     _, summary = _run(tmp_path, "num_steps=5", "log_every=2", "eval_every=2", "checkpoint_every=2")
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    assert [r["step"] for r in train] == [2, 4, 5]  # every log_every steps and the last one
-    assert [r["step"] for r in val] == [2, 4]
-    for r in train:
-        assert set(r) == {"step", "split", "loss", "mae"}
+    assert [r["step"] for r in records] == [2, 4, 5]  # every log_every steps and the last one
+    for r in records:  # every record has step and loss; validation steps also val_*
         assert isinstance(r["step"], int) and np.isfinite(r["loss"])
-    assert set(val[0]) == {"step", "split", "val_loss"}
+        assert set(r) == {"step", "loss", "mae"} | ({"val_loss"} if r["step"] in (2, 4) else set())
     # the loss logged at step 5 is the MSE of the step-4 parameters on batch index 4
     params4 = jax.device_get(_restore(tmp_path, step=4).params)
-    np.testing.assert_allclose(train[-1]["loss"], _mse(params4, *_toy_batch(4)), rtol=1e-5)
-    assert summary["metrics"]["loss"] == train[-1]["loss"]
+    np.testing.assert_allclose(records[-1]["loss"], _mse(params4, *_toy_batch(4)), rtol=1e-5)
+    assert summary["metrics"]["loss"] == records[-1]["loss"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["experiment"], cfg["num_steps"], cfg["log_every"]) == ("toy", 5, 2)
 
@@ -250,6 +246,12 @@ def test_tensorboard_scalars_when_a_writer_is_importable(tmp_path, monkeypatch):
     expected = [("init", str(tmp_path.resolve() / "tensorboard"))]
     for r in logged:
         for k, v in r.items():
-            if k not in ("step", "split"):
-                expected.append((f"{r['split']}/{k}", v, r["step"]))
+            if k != "step":
+                expected.append((f"{'val' if k.startswith('val_') else 'train'}/{k}", v, r["step"]))
     assert calls == expected + [("close",)]
+
+
+def test_nan_validation_metric_stops_naming_the_step(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="non-finite validation val_loss at step 2 ") as e:
+        _run(tmp_path, "eval_every=1", "checkpoint_every=1", "val_values=(1.0, 'nan')")
+    assert "last good checkpoint: step 1" in str(e.value)
