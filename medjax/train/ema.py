@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["EmaParamsState", "ema_params", "ema_decay_at", "get_ema_params"]
+__all__ = ["EmaParamsState", "ema_params", "ema_decay_at", "get_ema_params", "mean_teacher_decay"]
 
 
 class EmaParamsState(NamedTuple):
@@ -31,6 +31,20 @@ def ema_decay_at(count, decay, warmup_steps=0):
     return d
 
 
+def mean_teacher_decay(decay):
+    """Decay schedule of Mean Teacher (Tarvainen & Valpola 2017), used by co-training teachers.
+
+    Returns ``count -> min(decay, 1 - 1 / (count + 2))`` for :func:`ema_params`: the reference code
+    updates with ``min(1 - 1 / (global_step + 1), decay)`` after incrementing ``global_step``, so the
+    first update (``count = 0``) averages with weight 1/2 and the teacher is a true running mean of
+    the students so far until ``decay`` takes over.
+    """
+    decay = float(decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
+    return lambda count: jnp.minimum(decay, 1.0 - 1.0 / (jnp.asarray(count, jnp.float32) + 2.0))
+
+
 def ema_params(decay, *, warmup_steps=0, dtype=None):
     """Optax transformation keeping an EMA of the parameters AFTER each update; updates pass through.
 
@@ -38,6 +52,7 @@ def ema_params(decay, *, warmup_steps=0, dtype=None):
     with ``params``. After update ``t`` (``t = 0, 1, ...``):
     ``ema = d_t * ema + (1 - d_t) * (params + updates)`` with ``d_t = ema_decay_at(t, decay,
     warmup_steps)``; the initial ema is a copy of ``params``. Read it with :func:`get_ema_params`.
+    ``decay`` may be a callable of the update count, e.g. :func:`mean_teacher_decay`.
     ``dtype`` optionally sets the teacher's dtype (default: the params' dtype).
     """
     if not callable(decay) and not 0.0 <= float(decay) <= 1.0:

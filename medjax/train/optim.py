@@ -210,9 +210,10 @@ def make_optimizer(config):
     Keys (dict or ``ConfigDict``): ``name`` (adam|sgd|rmsprop), ``learning_rate``, optional
     ``schedule`` (see :func:`make_schedule`), ``weight_decay``, ``momentum`` (sgd/rmsprop),
     ``b1``/``b2``/``eps``/``alpha``/``nesterov``/``centered``, ``grad_clip_norm``, ``ema_decay``,
-    ``ema_warmup_steps``, ``trainable`` (mask tree/callable for :func:`frozen`).
+    ``ema_warmup_steps`` (an int: linear ramp of the decay; or ``"mean_teacher"``:
+    :func:`medjax.train.ema.mean_teacher_decay`), ``trainable`` (mask tree/callable for :func:`frozen`).
     """
-    from medjax.train.ema import ema_params
+    from medjax.train.ema import ema_params, mean_teacher_decay
 
     cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
     name = cfg.pop("name", "adam")
@@ -226,7 +227,7 @@ def make_optimizer(config):
     schedule = make_schedule(cfg.pop("schedule", None), lr)
     grad_clip = cfg.pop("grad_clip_norm", None)
     ema_decay = cfg.pop("ema_decay", None)
-    ema_warmup = int(cfg.pop("ema_warmup_steps", 0) or 0)
+    ema_warmup = cfg.pop("ema_warmup_steps", 0) or 0
     trainable = cfg.pop("trainable", None)
     allowed = {
         "adam": {"b1", "b2", "eps", "weight_decay"},
@@ -244,7 +245,15 @@ def make_optimizer(config):
     if trainable is not None:
         tx = frozen(tx, trainable)
     if ema_decay is not None:
-        tx = optax.chain(tx, ema_params(float(ema_decay), warmup_steps=ema_warmup))
+        if ema_warmup == "mean_teacher":
+            ema = ema_params(mean_teacher_decay(float(ema_decay)))
+        elif isinstance(ema_warmup, int | float) and not isinstance(ema_warmup, bool):
+            ema = ema_params(float(ema_decay), warmup_steps=int(ema_warmup))
+        else:
+            raise ValueError(
+                f"ema_warmup_steps: expected an int or 'mean_teacher', got {ema_warmup!r}"
+            )
+        tx = optax.chain(tx, ema)
     return tx
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from medjax.train.ema import ema_decay_at, ema_params, get_ema_params
-from medjax.train.optim import frozen, lr_scale
+from medjax.train.ema import ema_decay_at, ema_params, get_ema_params, mean_teacher_decay
+from medjax.train.optim import frozen, lr_scale, make_optimizer
 from medjax.train.state import TrainState
 
 P0 = {"w": np.array([1.0, -2.0, 0.5], np.float32), "b": np.array(0.3, np.float32)}
@@ -55,6 +55,36 @@ def test_ema_warmup_is_linear_ramp_of_decay():
     for k in P0:
         np.testing.assert_allclose(np.asarray(ema[k]), e[k], rtol=1e-6)
     np.testing.assert_allclose(float(ema_decay_at(2, 0.9, 4)), 0.45, rtol=1e-6)
+
+
+def _mean_teacher_reference(decay, n):
+    """Tarvainen & Valpola's update_ema_variables: alpha = min(1 - 1/(global_step + 1), decay),
+    called after ``global_step += 1``."""
+    alphas, global_step = [], 0
+    for _ in range(n):
+        global_step += 1
+        alphas.append(min(1 - 1 / (global_step + 1), decay))
+    return alphas
+
+
+def test_mean_teacher_decay_matches_the_reference_loop():
+    alphas = _mean_teacher_reference(0.7, 5)
+    np.testing.assert_allclose(alphas[:3], [0.5, 2 / 3, 0.7])  # a running mean, then the decay
+    state = _run(optax.chain(optax.sgd(0.1), ema_params(mean_teacher_decay(0.7))))
+    _, e = _numpy_ema(0.1, alphas)
+    for k in P0:
+        np.testing.assert_allclose(np.asarray(get_ema_params(state.opt_state)[k]), e[k], rtol=1e-6)
+    # the same through make_optimizer's config
+    tx = make_optimizer(
+        {"name": "sgd", "learning_rate": 0.1, "ema_decay": 0.7, "ema_warmup_steps": "mean_teacher"}
+    )
+    ema = get_ema_params(_run(tx).opt_state)
+    for k in P0:
+        np.testing.assert_allclose(np.asarray(ema[k]), e[k], rtol=1e-6)
+    with pytest.raises(ValueError, match="ema_warmup_steps"):
+        make_optimizer(
+            {"name": "sgd", "learning_rate": 0.1, "ema_decay": 0.7, "ema_warmup_steps": "cosine"}
+        )
 
 
 def test_first_update_without_warmup_and_callable_decay():
