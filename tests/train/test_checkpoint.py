@@ -137,7 +137,8 @@ _HANG_IN_SAVE = textwrap.dedent(
 
     for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
         cls.finalize = hang(cls.finalize)
-    m = CheckpointManager(sys.argv[1], async_save=True)
+    # max_to_keep=1: step 1 must not be deleted before step 2 is committed
+    m = CheckpointManager(sys.argv[1], async_save=True, max_to_keep=1)
     m.save(1, {"w": jnp.arange(6.0)}, data={"index": 1})
     m.wait_until_finished()
     print("SAVED1", flush=True)

@@ -24,6 +24,7 @@ def get_config(variant=None):
     c.nan_at_step = -1  # the 1-based step whose batch is NaN (-1: never)
     c.val_values = ()  # scripted validation values for retention tests; () = real val loss
     c.pipeline = "counter"  # or "grain": medjax.data.pipeline over 64 records, shuffled per epoch
+    c.step_noise = 0.0  # std of noise drawn from the step's key and added to the prediction
     c.sleep_per_batch = 0.0  # seconds; lets tests interrupt a running training
     c.tensorboard = False
     c.reduce_on_plateau = None

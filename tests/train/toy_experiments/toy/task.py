@@ -56,6 +56,8 @@ class Experiment(mt.Experiment):
 
         def loss_fn(params, model_state, batch, rng):
             pred = self.model.apply({"params": params}, batch["x"])
+            if config.step_noise:  # like dropout: the loss depends on the step's random key
+                pred = pred + config.step_noise * jax.random.normal(rng, pred.shape)
             loss = jnp.mean((pred - batch["y"]) ** 2)
             return loss, ({"mae": jnp.mean(jnp.abs(pred - batch["y"]))}, model_state)
 
