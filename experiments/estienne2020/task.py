@@ -309,6 +309,13 @@ def _dice_mean(pred, target, num_classes, region=None):
     return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")
 
 
+def _class_names(n_classes):
+    """Foreground class names: BraTS's NCR, ED, ET for 4 classes, else class1, class2, ..."""
+    if n_classes == len(TUMOUR_CLASSES) + 1:
+        return TUMOUR_CLASSES
+    return tuple(f"class{c}" for c in range(1, n_classes))
+
+
 def _stats(values):
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -396,11 +403,26 @@ class Experiment(medjax.train.Experiment):
     def train_iterator(self):
         """Resumable iterator of pair batches (moving, fixed, tumour labels)."""
         source, transform = self.data.train_source()
+        n_cls = int(self.config.model.n_classes)
+
+        def checked(record, rng):
+            # Cross-entropy inside the jitted step cannot raise: refuse out-of-range labels here.
+            record = transform(record, rng) if transform is not None else record
+            for key in ("tumour_moving", "tumour_fixed"):
+                if key in record:
+                    lo, hi = int(np.min(record[key])), int(np.max(record[key]))
+                    if lo < 0 or hi >= n_cls:
+                        raise ValueError(
+                            f"{key}: expected labels in [0, {n_cls}) (config.model.n_classes), "
+                            f"got values in [{lo}, {hi}]"
+                        )
+            return record
+
         return pipeline.make_iterator(
             source,
             batch_size=int(self.config.batch_size),
             seed=int(self.config.seed),
-            transform=transform,
+            transform=checked,
             shuffle=True,
             prefetch_threads=1,
         )
@@ -497,8 +519,9 @@ class Experiment(medjax.train.Experiment):
                     ("fixed", out["seg_fixed"][0], pair["tumour_fixed"]),
                 ):
                     pred = np.argmax(probs, axis=-1).astype(np.int32)
-                    d = np.asarray(metrics.dice(pred[None], truth[None], num_classes=4))[0]
-                    for c, cname in enumerate(TUMOUR_CLASSES):
+                    n_cls = int(self.config.model.n_classes)
+                    d = np.asarray(metrics.dice(pred[None], truth[None], num_classes=n_cls))[0]
+                    for c, cname in enumerate(_class_names(n_cls)):
                         add(f"tumour_dice_{cname}", d[c])
                     whole = np.asarray(
                         metrics.dice(
@@ -555,7 +578,7 @@ class Experiment(medjax.train.Experiment):
             ("Jacobian std", "jacobian_std"),
         ):
             lines.append(f"| {label} | 0.000 | {cell(key)} |")
-        for c in (*TUMOUR_CLASSES, "whole"):
+        for c in (*_class_names(int(self.config.model.n_classes)), "whole"):
             if f"tumour_dice_{c}" in results:
                 lines.append(f"| tumour Dice {c.upper()} | - | {cell(f'tumour_dice_{c}')} |")
         per = results.get("per_pair", {})

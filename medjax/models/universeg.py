@@ -66,11 +66,13 @@ def validate_inputs(query, support_images, support_labels, *, ndim=2, levels=4):
             f"query spatial size must be divisible by {div} ({levels} levels), got {q[1:-1]}"
         )
     if _is_concrete(support_labels):
-        lo, hi = float(jnp.min(support_labels)), float(jnp.max(support_labels))
-        if lo < 0.0 or hi > 1.0 or not np.isfinite(lo + hi):
+        labels = np.asarray(support_labels)
+        bad = labels[(labels != 0) & (labels != 1)]
+        if bad.size:
             raise ValueError(
-                "support_labels must be binary masks with values in [0, 1] (for multi-class "
-                f"labels use one binary task per label value), got values in [{lo}, {hi}]"
+                "support_labels must be binary masks with values 0 and 1 (threshold soft or "
+                "resized masks; for multi-class labels use one binary task per label value), "
+                f"got {bad.size} other value(s), e.g. {np.unique(bad)[:5].tolist()}"
             )
 
 

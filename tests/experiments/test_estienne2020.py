@@ -218,3 +218,15 @@ def test_config_variants_and_validation():
     cfg = load_config("estienne2020", "quick", ["data=brats"])
     with pytest.raises(ValueError, match="config.data_dir"):
         spec.build(cfg)
+    # tumour labels 0..3 with a 2-class head: refused on the host, before the jitted loss
+    cfg = load_config(
+        "estienne2020",
+        "quick",
+        ["model.n_classes=2", "synthetic.shape=(16,16,16)", "synthetic.num_train=2"],
+    )
+    it = spec.build(cfg).train_iterator()
+    try:
+        with pytest.raises(ValueError, match=r"tumour_(moving|fixed): expected labels in \[0, 2\)"):
+            next(it)
+    finally:
+        it.close()

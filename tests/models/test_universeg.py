@@ -249,6 +249,8 @@ def test_input_errors(tiny):
         model.apply(params, q, si[:, :0], sl[:, :0])
     with pytest.raises(ValueError, match="binary"):
         model.apply(params, q, si, sl * 3.0)
+    with pytest.raises(ValueError, match=r"binary masks with values 0 and 1 .* e.g. \[0.5\]"):
+        model.apply(params, q, si, sl * 0.5)  # a soft (e.g. resized) mask inside [0, 1]
     with pytest.raises(ValueError, match="query"):
         model.apply(params, q[..., :12, :], si, sl)
 
