@@ -11,6 +11,7 @@ written on one device count restores onto another.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 from typing import Any
@@ -199,6 +200,15 @@ class CheckpointManager:
         self.close()
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record):
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
 def checkpoint_dir(workdir) -> pathlib.Path:
     """The checkpoint folder of a work directory (``workdir/checkpoints``)."""
     return pathlib.Path(workdir).resolve() / "checkpoints"
@@ -213,11 +223,19 @@ def restore_state(workdir, abstract, *, step: int | None = None):
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint folder in {pathlib.Path(workdir)}")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-        item_names=_ITEMS,
-    )
+    # orbax warns "Given directory is read only" for every read-only manager: that is the point here.
+    quiet = _DropMessage("Given directory is read only")
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0
+            ),
+            item_names=_ITEMS,
+        )
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
     try:
         steps = sorted(manager.all_steps())
         if not steps:
