@@ -459,23 +459,31 @@ def save_image(
     like: Image | PathLike | None = None,
     affine: np.ndarray | None = None,
 ) -> pathlib.Path:
-    """Writes ``array`` to a NIfTI file (``.nii``/``.nii.gz``) and returns its path.
+    """Writes ``array`` to a NIfTI, Analyze, MGH or NRRD file (chosen by suffix); returns its path.
 
     Args:
-      path: output file; the suffix must be ``.nii`` or ``.nii.gz``.
+      path: ``.nii``/``.nii.gz``, ``.hdr``/``.img`` (Analyze 7.5, e.g. iSeg-2017), ``.mgz``/``.mgh``
+        (FreeSurfer) or ``.nrrd`` (written in LPS space, as PDDCA's files are).
       array: ``(*S)`` or channels-last ``(*S, C)`` (a trailing channel of size 1 is dropped).
         Booleans are written as uint8, integers as the smallest of uint8/int16/int32 that fits,
         floats as float32.
-      like: an :class:`Image` or image path whose affine and (NIfTI/Analyze) header are reused, so the
-        output overlays its reference; its spatial shape must match ``array``.
+      like: an :class:`Image` or image path whose affine (and, for NIfTI output from a NIfTI or
+        Analyze reference, header) is reused, so the output overlays its reference; its spatial shape
+        must match ``array``.
       affine: the 4x4 voxel -> RAS affine, overriding ``like``'s (identity when neither is given).
+        Analyze headers hold no rotation and only a whole-voxel origin inside the volume: an
+        affine they cannot represent is refused for ``.hdr``/``.img`` rather than silently changed.
     """
-    import nibabel as nib
-
     path = pathlib.Path(path)
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        raise ValueError(f"path: expected a .nii or .nii.gz file name, got {str(path)!r}")
+    try:
+        fmt = image_format(path)
+    except DataFileError:
+        raise ValueError(
+            f"path: expected a .nii, .nii.gz, .hdr, .img, .mgz, .mgh or .nrrd file name, "
+            f"got {str(path)!r}"
+        ) from None
+    if fmt == "nrrd" and path.name.lower().endswith(".nhdr"):
+        raise ValueError(f"path: detached .nhdr output is not supported, got {str(path)!r}")
     array = np.asarray(array)
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -500,22 +508,78 @@ def save_image(
             )
     if ref_affine is None:
         ref_affine = np.eye(4)
-    dtype = _output_dtype(array)
+    data = array.astype(_output_dtype(array))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "nrrd":
+        return _save_nrrd(path, data, ref_affine)
+    if fmt == "nifti":
+        return _save_nifti(path, data, ref_affine, header)
+    import nibabel as nib
+
+    if fmt == "mgh":  # MGH holds uint8, int16, int32 and float32: every _output_dtype
+        img = nib.MGHImage(data, ref_affine)
+    else:  # analyze, with SPM's origin field (as iSeg-2017's files)
+        img = nib.Spm99AnalyzeImage(data, ref_affine)
+        # SPM's 1-based origin voxel, from the signed diagonal (nibabel's set_origin_from_affine
+        # ignores the x flip that its own reader applies); checked by reading the header back.
+        diag = np.diag(ref_affine)[:3]
+        if np.all(diag != 0):
+            origin = np.rint(-ref_affine[:3, 3] / diag + 1.0)
+            if np.all(np.abs(origin) < 2**15):
+                img.header["origin"][:3] = origin
+        stored = img.header.get_best_affine()
+        if not np.allclose(stored, ref_affine, atol=1e-4):
+            raise ValueError(
+                f"affine: Analyze (.hdr/.img) stores only voxel sizes, flips and a whole-voxel "
+                f"origin inside the volume, so it cannot hold {ref_affine.tolist()} (it would become "
+                f"{stored.tolist()}): write NIfTI instead"
+            )
+    try:
+        nib.save(img, str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: cannot write {fmt}: {type(e).__name__}: {e}") from e
+    return path
+
+
+def _save_nifti(path, data, affine, header):
+    import nibabel as nib
+
     if isinstance(header, nib.analyze.AnalyzeHeader):
         hdr = nib.Nifti1Header.from_header(header)
         if hdr.endianness != nib.volumeutils.native_code:
             hdr = hdr.as_byteswapped(nib.volumeutils.native_code)  # write native byte order
     else:
         hdr = None
-    img = nib.Nifti1Image(array.astype(dtype), ref_affine, header=hdr)
-    img.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data, affine, header=hdr)
+    img.set_data_dtype(data.dtype)
     out_hdr = img.header
     out_hdr.set_slope_inter(1.0, 0.0)
     out_hdr["cal_min"], out_hdr["cal_max"] = 0.0, 0.0
     sform_code = int(out_hdr["sform_code"]) or 2
     qform_code = int(out_hdr["qform_code"]) or 1
-    img.set_sform(ref_affine, code=sform_code)
-    img.set_qform(ref_affine, code=qform_code)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    img.set_sform(affine, code=sform_code)
+    img.set_qform(affine, code=qform_code)
     nib.save(img, str(path))
+    return path
+
+
+def _save_nrrd(path, data, affine):
+    """NRRD in LPS space: RAS affine rows 0 and 1 negated; channels as a trailing non-spatial axis."""
+    import nrrd
+
+    n = 3 if data.ndim >= 3 else 2
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    directions = [lps[:3, k].tolist() for k in range(n)]
+    kinds = ["domain"] * n
+    if data.ndim > n:
+        directions.append([float("nan")] * 3)
+        kinds.append("vector")
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.asarray(directions, np.float64),
+        "space origin": lps[:3, 3],
+        "kinds": kinds,
+        "encoding": "gzip",
+    }
+    nrrd.write(str(path), np.ascontiguousarray(data), header, index_order="F")
     return path

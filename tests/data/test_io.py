@@ -93,6 +93,47 @@ def test_roundtrip_float_int_and_4d(tmp_path):
         io.save_image(tmp_path / "bad.png", vol)
 
 
+@pytest.mark.parametrize("suffix", [".mgz", ".nrrd", ".hdr", ".img", ".nii"])
+@pytest.mark.parametrize("kind", ["image", "label", "channels"])
+def test_save_load_round_trip_every_format(tmp_path, suffix, kind):
+    rng = np.random.default_rng(0)
+    # a flip and anisotropic voxels (Analyze holds no rotation); the NIfTI/MGH/NRRD case also rotates
+    affine = np.diag([-1.5, 1.0, 2.5, 1.0])
+    affine[:3, 3] = [30.0, -12.0, 4.5]
+    if suffix in (".hdr", ".img"):
+        # Analyze: no rotation, the x flip of nibabel's SPM reading, and the origin at a whole
+        # voxel (2, 3, 1) inside the volume
+        affine = np.diag([-1.5, 1.0, 2.5, 1.0])
+        affine[:3, 3] = [3.0, -3.0, -2.5]
+    else:
+        c, s_ = np.cos(0.3), np.sin(0.3)
+        affine[:3, :3] = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]]) @ affine[:3, :3]
+    shape = (5, 6, 4)
+    if kind == "label":
+        array = rng.integers(0, 5, shape).astype(np.int32)
+    elif kind == "channels":
+        array = rng.normal(size=(*shape, 3)).astype(np.float32)
+    else:
+        array = rng.normal(size=shape).astype(np.float32)
+    out = io.save_image(tmp_path / f"x{suffix}", array, affine=affine)
+    back = io.load_image(out, is_label=kind == "label")
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    expected = array if kind != "image" else array[..., None]
+    np.testing.assert_array_equal(back.array, expected)
+    assert back.spacing == pytest.approx((1.5, 1.0, 2.5), abs=1e-5)
+
+
+def test_save_analyze_refuses_rotation(tmp_path):
+    rot = np.eye(4)
+    rot[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    with pytest.raises(ValueError, match=r"Analyze \(.hdr/.img\) stores only voxel sizes"):
+        io.save_image(tmp_path / "x.hdr", np.zeros((3, 3, 3), np.float32), affine=rot)
+    half = np.eye(4)
+    half[0, 3] = 0.5  # an origin between voxels
+    with pytest.raises(ValueError, match="write NIfTI instead"):
+        io.save_image(tmp_path / "x.img", np.zeros((3, 3, 3), np.float32), affine=half)
+
+
 def test_corrupt_truncated_missing(tmp_path):
     vol = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
     p = _write_nii(tmp_path / "ok.nii.gz", vol)
