@@ -2,6 +2,7 @@
 
 import functools
 import math
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,20 @@ def importance_map(roi_size, mode="gaussian", sigma_scale=0.125):
     return np.maximum(w, max(float(w.min()), 1e-3)).astype(np.float32)
 
 
+def _jitted(predictor):
+    """``jax.jit(predictor)``, cached per predictor so that repeated calls reuse its compilations."""
+    try:
+        return _JIT_CACHE[predictor]
+    except TypeError:  # unhashable callable
+        return jax.jit(predictor)
+    except KeyError:
+        fn = _JIT_CACHE[predictor] = jax.jit(predictor)
+        return fn
+
+
+_JIT_CACHE = weakref.WeakKeyDictionary()
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def _extract(volume, bidx, starts, roi_size):
     channels = volume.shape[-1]
@@ -95,6 +110,7 @@ def sliding_window_inference(
     sigma_scale=0.125,
     pad_value=0.0,
     jit_predictor=True,
+    args=(),
 ):
     """Blend a windowed predictor over a whole volume: (B, *S, C) -> (B, *S, K) float32.
 
@@ -107,6 +123,9 @@ def sliding_window_inference(
     overlapping predictions are averaged with ``importance_map(roi_size, mode, sigma_scale)``
     weights. When a single window covers the volume the result equals one predictor call exactly.
     ``roi_size``: int or one per spatial axis; None or <= 0 means the full axis.
+    ``args``: extra arguments, e.g. the model variables: ``predictor(windows, *args)``. Passing
+    parameters here rather than closing over them keeps them out of the compiled code, so the same
+    ``predictor`` (e.g. ``model.apply``) compiles once for every volume and every set of weights.
     """
     volume = jnp.asarray(volume)
     if volume.ndim < 3:
@@ -140,7 +159,7 @@ def sliding_window_inference(
     for s in starts:
         count[tuple(slice(int(a), int(a) + r) for a, r in zip(s, roi, strict=True))] += weight
 
-    fn = jax.jit(predictor) if jit_predictor else predictor
+    fn = _jitted(predictor) if jit_predictor else predictor
     total = batch * num_win
     out = None
     weight_j = jnp.asarray(weight)
@@ -151,7 +170,7 @@ def sliding_window_inference(
         bidx = jnp.asarray(idx // num_win, jnp.int32)
         win_starts = jnp.asarray(starts[idx % num_win])
         windows = _extract(volume, bidx, win_starts, roi)
-        preds = jnp.asarray(fn(windows))
+        preds = jnp.asarray(fn(windows, *args))
         if preds.ndim != ndim + 2 or preds.shape[:-1] != (sw_batch_size, *roi):
             raise ValueError(
                 f"predictor must map {(sw_batch_size, *roi, channels)} -> "

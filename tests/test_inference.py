@@ -140,6 +140,21 @@ def test_predictor_traced_once_per_window_shape():
     np.testing.assert_allclose(np.asarray(out), 2.0, rtol=1e-6)
 
 
+def test_parameters_as_args_compile_once_across_calls():
+    traces = []
+
+    def apply(x, params):
+        traces.append(x.shape)
+        return params["w"] * x[..., :1] + params["b"]
+
+    vol = np.ones((1, 10, 10, 1), np.float32)
+    for w in (2.0, 3.0):  # new weights, new volume: no new compilation
+        params = {"w": jnp.float32(w), "b": jnp.float32(1.0)}
+        out = sliding_window_inference(vol * w, (4, 4), apply, sw_batch_size=3, args=(params,))
+        np.testing.assert_allclose(np.asarray(out), w * w + 1.0, rtol=1e-6)
+    assert traces == [(3, 4, 4, 1)]
+
+
 def test_importance_map_matches_monai():
     torch = require_reference("torch")
     monai = require_reference("monai")
