@@ -95,6 +95,7 @@ def adversarial_step(
     clip=None,
     update_generator=True,
     critic_batch=None,
+    axis_name=None,
 ):
     """Build a WGAN-style step for ``{"gen": TrainState, "critic": TrainState}``.
 
@@ -112,6 +113,7 @@ def adversarial_step(
     ``critic_batch(batch, i)`` optionally picks critic iteration ``i``'s batch (default: the whole
     batch, with a fresh key each iteration). ``update_generator=False`` gives a critic warm-up step.
     Metrics: ``critic/*`` (last critic iteration), ``gen/*``, ``n_critic`` and ``loss``.
+    Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
     """
     if isinstance(n_critic, int) and n_critic < 0:
         raise ValueError(f"n_critic: expected >= 0, got {n_critic}")
@@ -122,13 +124,13 @@ def adversarial_step(
 
     def critic_update(critic, gen, batch, i):
         b = batch if critic_batch is None else critic_batch(batch, i)
-        rng = critic.step_rng(1)
+        rng = _step_key(critic, 1, axis_name)
         (loss, (metrics, new_ms)), grads = critic_grad(
             critic.params, critic.model_state, gen, b, rng
         )
-        critic = critic.apply_gradients(grads, model_state=new_ms)
+        critic = critic.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
         critic = critic.replace(params=clip_params(critic.params, clip))
-        return critic, {**metrics, "loss": loss}
+        return critic, _pmean({**metrics, "loss": loss}, axis_name)
 
     def step(state, batch):
         gen, critic = state["gen"], state["critic"]
@@ -149,11 +151,12 @@ def adversarial_step(
         if update_generator:
             frozen_critic = critic.replace(params=jax.lax.stop_gradient(critic.params))
             with jax.named_scope("generator"):
-                rng = gen.step_rng(2)
+                rng = _step_key(gen, 2, axis_name)
                 (g_loss, (g_metrics, new_ms)), grads = gen_grad(
                     gen.params, gen.model_state, frozen_critic, batch, rng
                 )
-                gen = gen.apply_gradients(grads, model_state=new_ms)
+                gen = gen.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
+                g_metrics, g_loss = _pmean((g_metrics, g_loss), axis_name)
             metrics.update({f"gen/{k}": v for k, v in g_metrics.items()})
             metrics["gen/loss"] = g_loss
             metrics["loss"] = g_loss
@@ -184,7 +187,7 @@ def ramp_weight(step, *, max_weight=1.0, ramp_steps, kind="sigmoid"):
     return (max_weight * r).astype(jnp.float32)
 
 
-def cotraining_step(loss_fn, *, weight=1.0):
+def cotraining_step(loss_fn, *, weight=1.0, axis_name=None):
     """Build a co-training step for ``{"a": TrainState, "b": TrainState}`` (Huang et al. 2020).
 
     Each model's ``tx`` must end with :func:`medjax.train.ema.ema_params` (its own EMA teacher).
@@ -194,6 +197,7 @@ def cotraining_step(loss_fn, *, weight=1.0):
     ``weight`` is a float or ``callable(step) -> weight`` (e.g. a :func:`ramp_weight` partial) of
     model a's step. Both models update from the teachers as they were before this step.
     Metrics: ``a/*``, ``b/*``, ``weight`` and ``loss`` (the mean of both losses).
+    Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -211,11 +215,12 @@ def cotraining_step(loss_fn, *, weight=1.0):
         for i, (name, other) in enumerate((("a", "b"), ("b", "a"))):
             st = state[name]
             with jax.named_scope(f"model_{name}"):
-                rng = st.step_rng(10 + i)
+                rng = _step_key(st, 10 + i, axis_name)
                 (loss, (m, new_ms)), grads = grad_fn(
                     st.params, st.model_state, teachers[other], batch, rng, w
                 )
-                new[name] = st.apply_gradients(grads, model_state=new_ms)
+                new[name] = st.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
+                m, loss = _pmean((m, loss), axis_name)
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
             metrics[f"{name}/loss"] = loss
         metrics["loss"] = 0.5 * (metrics["a/loss"] + metrics["b/loss"])
