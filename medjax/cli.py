@@ -152,8 +152,8 @@ def _train(args, overrides):
             f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, "
             f"not {args.experiment!r}; use another work directory"
         )
+    _init_distributed(args)  # before the task module is imported: it may touch jax
     spec = load_experiment(args.experiment)
-    _init_distributed(args)
     from medjax.train.loop import fit
 
     _, summary = fit(spec.build(config), config, workdir)
@@ -171,8 +171,8 @@ def _eval(args, overrides):
     workdir = pathlib.Path(args.workdir)
     _existing_workdir(workdir)
     config = _resolve_config(args.experiment, args.variant, overrides, workdir)
-    spec = load_experiment(args.experiment)
     _init_distributed(args)
+    spec = load_experiment(args.experiment)
     experiment, state, step = _restore(spec, config, workdir)
     import jax
 
@@ -221,11 +221,11 @@ def _predict(args, overrides):
     missing = [p for p in args.inputs if not pathlib.Path(p).is_file()]
     if missing:
         raise UsageError(f"inputs: expected existing files, missing {', '.join(missing)}")
+    config = config_from_json(saved)
+    _init_distributed(args)
     spec = load_experiment(saved["experiment"])
     if spec.Experiment.predict is Experiment.predict:
         raise UsageError(f"experiment {spec.name!r} does not implement predict")
-    config = config_from_json(saved)
-    _init_distributed(args)
     experiment, state, step = _restore(spec, config, workdir)
     written = experiment.predict(
         state, [pathlib.Path(p) for p in args.inputs], pathlib.Path(args.out)
