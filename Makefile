@@ -35,6 +35,7 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/warp.py
+	$(BIN)/python benchmarks/universeg.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
