@@ -111,6 +111,42 @@ def test_subtraction_vs_concat_param_counts(setup):
         assert _count(params_cat[k]) == _count(params_sub[k])
 
 
+def _paper_param_count(f, modalities, classes, merge):
+    """Parameters of the Estienne 2020 network, counted by hand from SYSTEMS.md section 1.
+
+    Encoder: 1^3 lift to f; levels of widths f*(1,2,4,8,16) with 1,2,3,3,3 3^3 convs; 2^3 stride-2
+    convs between levels. Decoders (deep to shallow): 2^3 transposed conv, concat [skip, up],
+    3,3,2,1 3^3 convs. Heads: 1^3 convs to the classes (softmax) and to 3 (sigmoid Phi).
+    """
+    w = [f * m for m in (1, 2, 4, 8, 16)]
+    conv = lambda k, cin, cout: k**3 * cin * cout + cout  # noqa: E731
+    enc = conv(1, modalities, w[0])
+    for i, n in enumerate((1, 2, 3, 3, 3)):
+        enc += n * conv(3, w[i], w[i])
+        if i < 4:
+            enc += conv(2, w[i], w[i + 1])
+
+    def decoder(skip_factor):
+        total, cin = 0, skip_factor * w[4]
+        for i, n in zip((3, 2, 1, 0), (3, 3, 2, 1), strict=True):
+            total += conv(2, cin, w[i])  # transposed conv
+            total += conv(3, skip_factor * w[i] + w[i], w[i]) + (n - 1) * conv(3, w[i], w[i])
+            cin = w[i]
+        return total
+
+    reg_skip = 2 if merge == "concat" else 1
+    return enc + decoder(1) + conv(1, w[0], classes) + decoder(reg_skip) + conv(1, w[0], 3)
+
+
+@pytest.mark.parametrize(("merge", "modalities"), [("subtract", 4), ("concat", 1)])
+def test_paper_network_parameter_count(merge, modalities):
+    """f = 8 as published: the layer counts and widths are the paper's, counted independently."""
+    x = jnp.zeros((1, 16, 16, 16, modalities))
+    model = JointRegSeg(f=8, n_modalities=modalities, n_classes=4, merge=merge)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, x)["params"]
+    assert _count(params) == _paper_param_count(8, modalities, 4, merge)
+
+
 def test_segmentation_net_matches_joint_branch(setup):
     model, params, mov, _ = setup
     seg = SegmentationNet(f=2)
