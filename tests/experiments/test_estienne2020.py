@@ -262,3 +262,29 @@ def test_config_variants_and_validation():
             next(it)
     finally:
         it.close()
+
+
+def test_compare_baselines_table(tmp_path):
+    """compare.py on the baselines: VoxelMorph (d), segmentation only (e) and the identity (f)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "experiments/estienne2020/compare.py"
+    spec = importlib.util.spec_from_file_location("estienne2020_compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    tiny = [a for a in TINY if not a.startswith("--config.model.")]
+    tiny += ["--config.model.vxm_enc=(4,4,4,4)", "--config.model.vxm_dec=(4,4,4,4,4,4,4)"]
+    rows = compare.main(["--workdir", str(tmp_path), "--only", "d,e,f", *tiny])
+    by_key = {r["variant_key"]: r for r in rows}
+    assert list(by_key) == ["d_voxelmorph", "e_segonly", "f_identity"]
+    ident = by_key["f_identity"]
+    # no registration: the identity and the segmentation-only model leave the labels where they are
+    for key in ("e_segonly", "f_identity"):
+        r = by_key[key]
+        assert r["anatomical_dice_after"] == pytest.approx(ident["anatomical_dice_before"])
+        assert r["folding_percent"] == 0.0 and r["jacobian_std"] == 0.0
+    assert "tumour_dice_whole" in by_key["e_segonly"] and "tumour_dice_whole" not in ident
+    assert math.isfinite(by_key["d_voxelmorph"]["anatomical_dice_after"])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| (d) VoxelMorph |" in md and "| (f) identity |" in md
+    assert (tmp_path / "figures" / "compare_dice.png").is_file()
