@@ -355,8 +355,48 @@ def main(args):
     }
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    record = {"meta": meta, "rows": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record) + "\n")
     print(f"load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}; -> {out}")
+
+
+def markdown(record):
+    """The results as a markdown table (written beside the JSON as ``universeg.md``)."""
+    meta, rows = record["meta"], record["rows"]
+    peak = meta.get("peak_gflops", {})
+    lines = [
+        f"UniverSeg v1 (64 channels), {meta['size']}x{meta['size']}, {meta['threads']} threads, "
+        f"median of {meta['repeats']} inference / {meta['train_repeats']} training runs "
+        f"(load average {meta['load_average_before'][0]:.1f} before, "
+        f"{meta['load_average_after'][0]:.1f} after; {meta['time']})",
+        "",
+        "| case | medjax ms | PyTorch ms | medjax / PyTorch | GFLOP | medjax GFLOP/s "
+        "(share of matmul peak) | PyTorch GFLOP/s | medjax peak RSS MiB | PyTorch peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+
+        def num(key, fmt, r=r):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, int | float) else "-"
+
+        share = r.get("medjax_share_of_matmul_peak")
+        gfs = num("medjax_gflops", ".1f") + (f" ({100 * share:.0f} %)" if share else "")
+        lines.append(
+            f"| {r['case']} | {num('medjax_ms', '.0f')} | {num('torch_ms', '.0f')} | "
+            f"{num('ratio', '.2f')} | {num('gflop', '.1f')} | {gfs} | {num('torch_gflops', '.1f')} | "
+            f"{num('medjax_peak_rss_increase_mib', '.0f')} | "
+            f"{num('torch_peak_rss_increase_mib', '.0f')} |"
+        )
+    if peak:
+        lines += [
+            "",
+            f"Peak measured in the same run: XLA matmul {peak['xla_matmul_gflops']:.0f} GFLOP/s, "
+            f"a 3x3 64->64 conv at 16x128x128 {peak['xla_conv_gflops']:.0f} GFLOP/s under XLA and "
+            f"{peak.get('torch_conv_gflops', float('nan')):.0f} GFLOP/s under PyTorch.",
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
