@@ -4,7 +4,8 @@
 
 Variants: (a) joint, subtraction merge, tumour-masked loss (the paper's model); (b) joint,
 concatenation merge; (c) joint without the mask; (d) the VoxelMorph-style baseline; (e) the
-segmentation-only V-Net; (f) the identity (no registration). Each trains with ``medjax.train.fit``
+segmentation-only V-Net; (f) the identity (no registration); (g) a reference that is not learned:
+every test pair registered by its own 300-step optimisation of a free displacement. Each trains with ``medjax.train.fit``
 in ``<workdir>/<name>`` (rerun the command to resume; finished variants are not retrained and
 their ``results.json`` is reused) and is evaluated on the same synthetic test pairs. Writes
 ``<workdir>/comparison.md`` and ``comparison.json`` (mean +- std over test pairs) and
@@ -45,6 +46,7 @@ VARIANTS = {
     "d_voxelmorph": ("(d) VoxelMorph", ["model.kind=voxelmorph"]),
     "e_segonly": ("(e) segmentation only (V-Net)", ["model.kind=segonly"]),
     "f_identity": ("(f) identity", ["model.kind=identity"]),
+    "g_optimise": ("(g) per-pair optimisation (reference)", ["model.kind=optimise"]),
 }
 
 # table columns: (header, results key)
@@ -99,7 +101,7 @@ def run_variant(spec, key, variant, overrides, root, log=print):
     experiment = spec.build(config)
     timing_path = workdir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-    if config.model.kind == "identity":
+    if config.model.kind in spec.task_module.UNTRAINED:
         from medjax.train.config import config_to_json
 
         (workdir / "config.json").write_text(config_to_json(config) + "\n")

@@ -39,7 +39,8 @@ from medjax.train.optim import make_optimizer
 from medjax.train.state import TrainState
 from medjax.train.steps import supervised_step
 
-KINDS = ("joint", "voxelmorph", "segonly", "identity")
+KINDS = ("joint", "voxelmorph", "segonly", "identity", "optimise")
+UNTRAINED = ("identity", "optimise")  # kinds evaluated without training
 DATASETS = ("synthetic", "brats", "oasis")
 TUMOUR_CLASSES = ("ncr", "ed", "et")
 
@@ -257,6 +258,32 @@ class FolderData:
         return len(self.test) // 2
 
 
+def optimise_pair(moving, fixed, *, steps, lr, lam):
+    """Classical per-pair registration, the reference no network is trained for.
+
+    Adam on a free displacement field (B, *S, 3), from zero, minimising
+    ``mse(warp(moving, u), fixed) + lam * ||grad u||^2`` for ``steps`` iterations (jit-friendly).
+    """
+    import optax
+
+    from medjax.losses import displacement_l2_gradient, mse
+
+    tx = optax.adam(lr)
+
+    def loss(u):
+        return mse(ops.warp(moving, u), fixed) + lam * displacement_l2_gradient(u)
+
+    def body(_, carry):
+        u, opt = carry
+        grads = jax.grad(loss)(u)
+        updates, opt = tx.update(grads, opt, u)
+        return optax.apply_updates(u, updates), opt
+
+    u = jnp.zeros(moving.shape[:-1] + (moving.ndim - 2,), jnp.float32)
+    u, _ = jax.lax.fori_loop(0, steps, body, (u, tx.init(u)))
+    return u
+
+
 def make_data(config):
     """The data object of ``config.data`` (synthetic | brats | oasis)."""
     if config.data not in DATASETS:
@@ -270,7 +297,7 @@ def make_data(config):
 
 
 def build_model(config, n_modalities):
-    """The flax module of ``config.model.kind`` (None for ``identity``)."""
+    """The flax module of ``config.model.kind`` (None for the untrained ``identity``/``optimise``)."""
     m = config.model
     if m.kind not in KINDS:
         raise ValueError(f"config.model.kind: expected one of {KINDS}, got {m.kind!r}")
@@ -454,6 +481,12 @@ class Experiment(medjax.train.Experiment):
             pm = self.model.apply({"params": params}, moving)["probs"]
             pf = self.model.apply({"params": params}, fixed)["probs"]
             return {"displacement": zeros, "warped": moving, "seg_moving": pm, "seg_fixed": pf}
+        if self.kind == "optimise":
+            o = self.config.optimise
+            disp = optimise_pair(
+                moving, fixed, steps=int(o.steps), lr=float(o.learning_rate), lam=float(o.lam)
+            )
+            return {"displacement": disp, "warped": ops.warp(moving, disp)}
         return {"displacement": zeros, "warped": moving}
 
     def forward(self, state, moving, fixed):
