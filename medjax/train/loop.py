@@ -341,7 +341,7 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
                     break
             if last_saved != step and step > 0:
                 # Attach validation metrics only if they were measured on this very state.
-                save(step, val if val is not None else None)
+                save(step, val)
     except KeyboardInterrupt:
         # A second Ctrl-C (or one outside the main thread): save when the state is intact.
         interrupted = True
