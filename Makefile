@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 WORKDIR ?= runs/estienne2020_quick
+# pytest-xdist workers for `make test` (CI has 2 cores; each worker compiles with XLA on its own)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint bench clean
 
@@ -28,7 +30,7 @@ demo: $(VENV)/.installed
 	$(BIN)/medjax eval estienne2020 --workdir $(WORKDIR)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check medjax tests experiments benchmarks

@@ -40,6 +40,7 @@ __all__ = [
     "PDDCA_STRUCTURES",
     "PNP_ADANET_CLASSES",
     "PNP_ADANET_LABEL_MAP",
+    "LoadedRecord",
     "brats_records",
     "decathlon_records",
     "freesurfer_records",
@@ -513,6 +514,27 @@ def load_pddca_label(record: Mapping[str, Any], *, like=None, reorient: bool = F
 # ------------------------------------------------------------------------------------ load records
 
 
+class LoadedRecord(tuple):
+    """``(image, label, affine)`` of a loaded record, carrying its geometry and provenance.
+
+    Unpacks like a 3-tuple; also has ``.image``, ``.label``, ``.affine``, ``.spacing`` (mm per
+    spatial axis), ``.orientation`` (axis codes, e.g. ``("R", "A", "S")``), ``.id``, ``.paths``
+    (the image files, one per modality), ``.label_path`` and ``.meta`` (the record's meta dict).
+    """
+
+    def __new__(cls, image, label, affine, *, spacing, orientation, id, paths, label_path, meta):
+        self = super().__new__(cls, (image, label, affine))
+        self.image, self.label, self.affine = image, label, affine
+        self.spacing, self.orientation = tuple(spacing), tuple(orientation)
+        self.id, self.paths, self.label_path, self.meta = id, list(paths), label_path, meta
+        return self
+
+    def __getnewargs_ex__(self):
+        kw = {k: getattr(self, k) for k in ("spacing", "orientation", "id", "paths")}
+        kw.update(label_path=self.label_path, meta=self.meta)
+        return (self.image, self.label, self.affine), kw
+
+
 def load_record(
     record: Mapping[str, Any],
     *,
@@ -520,7 +542,10 @@ def load_record(
     reorient: bool = False,
     spacing: float | Sequence[float] | None = None,
 ):
-    """Loads a record: returns ``(image (*S, C) float32, label (*S) int32 or None, affine (4, 4))``.
+    """Loads a record: ``(image (*S, C) float32, label (*S) int32 or None, affine (4, 4))``.
+
+    The result is a :class:`LoadedRecord`: it unpacks as that triple and also carries the spacing,
+    orientation, id and source paths.
 
     Modality files are stacked on the channel axis (each may itself have channels) and must share
     geometry; the label must match the image (:func:`medjax.data.io.check_pair`) and is remapped with
@@ -553,7 +578,17 @@ def load_record(
         lm = label_map if label_map is not None else meta.get("label_map")
         if lm is not None:
             label = remap_labels(label, lm, source=str(record["label"]))
-    return array, label, affine
+    return LoadedRecord(
+        array,
+        label,
+        affine,
+        spacing=images[0].spacing,
+        orientation=images[0].orientation,
+        id=record["id"],
+        paths=[str(p) for p in paths],
+        label_path=None if record["label"] is None else str(record["label"]),
+        meta=meta,
+    )
 
 
 # ------------------------------------------------------------------------------------------ splits

@@ -60,10 +60,14 @@ class FunctionSource:
 def _load_record_arrays(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     from medjax.data.datasets import load_record
 
-    image, label, _ = load_record(record)
-    out = {"image": image}
-    if label is not None:
-        out["label"] = label
+    loaded = load_record(record)
+    out = {
+        "image": loaded.image,
+        "affine": np.asarray(loaded.affine, np.float64),
+        "spacing": np.asarray(loaded.spacing, np.float64),
+    }
+    if loaded.label is not None:
+        out["label"] = loaded.label
     return out
 
 
@@ -71,7 +75,9 @@ class RecordSource:
     """A random-access source over dataset records (``medjax.data.datasets``).
 
     ``source[i] = load_fn(records[i])``; the default ``load_fn`` returns ``{"image": (*S, C) float32,
-    "label": (*S) int32}`` via :func:`medjax.data.datasets.load_record` (no "label" when absent).
+    "label": (*S) int32, "affine": (4, 4), "spacing": (ndim,)}`` via
+    :func:`medjax.data.datasets.load_record` (no "label" when absent), so every batch keeps the
+    geometry needed to write its predictions back.
     """
 
     def __init__(

@@ -50,8 +50,13 @@ def test_brats_2021_with_grades(tmp_path):
         "t2.nii.gz",
         "flair.nii.gz",
     ]
-    image, label, affine = ds.load_record(recs[0])
+    loaded = ds.load_record(recs[0])
+    image, label, affine = loaded
     assert image.shape == (*SHAPE, 4) and image.dtype == np.float32
+    # the record's geometry and provenance travel with the arrays
+    assert loaded.spacing == (1.0, 1.0, 1.0) and loaded.orientation == ("R", "A", "S")
+    assert loaded.id == "Brats18_2013_2_1" and loaded.paths == recs[0]["image"]
+    assert loaded.label_path == recs[0]["label"] and loaded.meta["grade"] == "HGG"
     # channel order t1, t1ce, t2, flair: files were filled with 10 * (flair, t1, t1ce, t2 index) + 1
     np.testing.assert_array_equal(image[0, 0, 0], [11.0, 21.0, 31.0, 1.0])
     expected = np.select([raw["Brats18_2013_2_1"] == v for v in (0, 1, 2, 4)], [0, 1, 2, 3])

@@ -163,11 +163,12 @@ def test_inconsistent_records_rejected():
 
 def test_record_source_over_nifti_files(tmp_path):
     records = []
+    affine = np.diag([1.5, 2.0, 1.0, 1.0])
     for i in range(4):
         img = np.full((4, 4, 4), float(i), np.float32)
         lab = (np.arange(64).reshape(4, 4, 4) % (i + 2)).astype(np.int16)
-        nib.save(nib.Nifti1Image(img, np.eye(4)), str(tmp_path / f"img{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / f"lab{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(img, affine), str(tmp_path / f"img{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, affine), str(tmp_path / f"lab{i}.nii.gz"))
         records.append(
             {
                 "id": f"c{i}",
@@ -184,6 +185,9 @@ def test_record_source_over_nifti_files(tmp_path):
     assert len(batches) == 2
     for b in batches:
         assert b["image"].shape == (2, 4, 4, 4, 1) and b["label"].shape == (2, 4, 4, 4)
+        # the geometry travels with the batch
+        np.testing.assert_allclose(b["affine"], np.broadcast_to(affine, (2, 4, 4)))
+        np.testing.assert_allclose(b["spacing"], [[1.5, 2.0, 1.0]] * 2)
         for img, lab in zip(b["image"], b["label"], strict=True):
             i = int(img[0, 0, 0, 0])
             np.testing.assert_array_equal(lab, np.arange(64).reshape(4, 4, 4) % (i + 2))

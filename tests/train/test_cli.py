@@ -135,6 +135,11 @@ def test_train_resume_eval_predict(tmp_path, monkeypatch, capsys):
     y = (x @ w_true).astype(np.float32)
     ref = np.mean((x @ np.asarray(params["kernel"]) + np.asarray(params["bias"]) - y) ** 2)
     np.testing.assert_allclose(results["val_loss"], ref, rtol=1e-5)
+    # the default report: a markdown table of the scalar results, printed and saved as results.md
+    out = capsys.readouterr().out
+    row = f"| val_loss | {results['val_loss']:.4g} |"
+    assert row in out and row in (wd / "results.md").read_text()
+    assert f"checkpoint:  {wd / 'checkpoints'} (step 6)" in out
 
     # predict: the experiment comes from the workdir's config.json; outputs keep the affine
     affine = np.array([[2.0, 0, 0, -10], [0, 3.0, 0, 5], [0, 0, 4.0, 1], [0, 0, 0, 1]])
