@@ -143,13 +143,25 @@ def run_variant(spec, key, variant, overrides, root, log=print):
     return results
 
 
-def table(rows):
-    """Markdown table of the variants' results (mean ± std over test pairs)."""
-    head = ["Variant", *(h for h, _ in COLUMNS), "Train (s)"]
+def table(rows, gain_fn):
+    """Markdown table of the variants' results (mean ± std over test pairs).
+
+    ``gain_fn(before, after)`` gives the paired anatomical Dice change (see ``task.paired_gain``).
+    """
+    head = ["Variant", COLUMNS[0][0], "Dice gain [95% CI] (pairs improved)"]
+    head += [h for h, _ in COLUMNS[1:]] + ["Train (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        per = r.get("per_pair", {})
+        g = gain_fn(per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", []))
+        gain = "-"
+        if g is not None and (g["mean"] or g["improved"]):
+            lo, hi = g["ci95"]
+            gain = f"{g['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({g['improved']}/{g['n']})"
         cells = [r["label"]]
-        for _, k in COLUMNS:
+        for i, (_, k) in enumerate(COLUMNS):
+            if i == 1:
+                cells.append(gain)
             digits = 4 if k == "image_mse_after" else (2 if k == "folding_percent" else 3)
             cells.append(_fmt(r.get(k), r.get(f"{k}_std"), digits))
         tw = r.get("train_wall_s", float("nan"))
@@ -290,7 +302,7 @@ def main(argv=None):
             f"{r.get('tumour_dice_whole', float('nan')):.3f}  [{time.perf_counter() - t0:.0f} s]",
             flush=True,
         )
-    md = table(rows)
+    md = table(rows, spec.task_module.paired_gain)
     n = rows[0].get("num_test_pairs", 0) if rows else 0
     header = (
         f"Estienne 2020 comparison ({args.variant}, {n} test pairs, mean ± std over pairs; "

@@ -295,3 +295,18 @@ def test_compare_baselines_table(tmp_path):
     md = (tmp_path / "comparison.md").read_text()
     assert "| (d) VoxelMorph |" in md and "| (f) identity |" in md
     assert (tmp_path / "figures" / "compare_dice.png").is_file()
+
+
+def test_paired_gain_closed_forms():
+    from medjax.train import load_experiment
+
+    gain = load_experiment("estienne2020").task_module.paired_gain
+    g = gain([0.2, 0.3, 0.4, 0.5], [0.3, 0.4, 0.5, 0.6])  # +0.1 on every pair: no spread
+    assert g["improved"] == 4 and g["n"] == 4
+    np.testing.assert_allclose([g["mean"], *g["ci95"]], [0.1, 0.1, 0.1], atol=1e-12)
+    g = gain([0.5, 0.5, 0.5, 0.5], [0.4, 0.6, 0.45, 0.55])  # symmetric changes: CI spans 0
+    assert g["improved"] == 2 and abs(g["mean"]) < 1e-12 and g["ci95"][0] < 0 < g["ci95"][1]
+    # the bootstrap interval of the mean lies within the range of the paired changes
+    d = np.array([0.4, 0.6, 0.45, 0.55]) - 0.5
+    assert d.min() <= g["ci95"][0] and g["ci95"][1] <= d.max()
+    assert gain([0.1], [0.2]) is None
