@@ -372,8 +372,9 @@ def markdown(record):
         f"{meta['load_average_after'][0]:.1f} after; {meta['time']})",
         "",
         "| case | medjax ms | PyTorch ms | medjax / PyTorch | GFLOP | medjax GFLOP/s "
-        "(share of matmul peak) | PyTorch GFLOP/s | medjax peak RSS MiB | PyTorch peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(share of matmul peak) | PyTorch GFLOP/s | medjax XLA buffers MiB | "
+        "medjax peak RSS increase MiB | PyTorch peak RSS increase MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
 
@@ -386,9 +387,16 @@ def markdown(record):
         lines.append(
             f"| {r['case']} | {num('medjax_ms', '.0f')} | {num('torch_ms', '.0f')} | "
             f"{num('ratio', '.2f')} | {num('gflop', '.1f')} | {gfs} | {num('torch_gflops', '.1f')} | "
+            f"{num('medjax_xla_temp_plus_output_mib', '.0f')} | "
             f"{num('medjax_peak_rss_increase_mib', '.0f')} | "
             f"{num('torch_peak_rss_increase_mib', '.0f')} |"
         )
+    lines += [
+        "",
+        "XLA buffers: temporaries + outputs of the compiled step (its own memory plan). Peak RSS "
+        "increase: the high-water mark after the timed runs minus the one before the warm-up, so "
+        "0 means the peak was reached earlier (e.g. while building the inputs).",
+    ]
     if peak:
         lines += [
             "",
