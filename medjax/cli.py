@@ -145,13 +145,16 @@ def _train(args, overrides):
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir: expected a directory, got the file {workdir}")
-    config = load_config(args.experiment, args.variant, overrides)
+    load_config(args.experiment, args.variant, overrides)  # unknown names and keys fail here
     saved = _saved_config(workdir) if workdir.is_dir() else None
     if saved is not None and saved.get("experiment") not in (None, args.experiment):
         raise UsageError(
             f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, "
             f"not {args.experiment!r}; use another work directory"
         )
+    # Rerunning in a work directory continues its saved config (plus these overrides), so a
+    # resumed run never mixes two settings; fit() refuses overrides that change the training.
+    config = _resolve_config(args.experiment, args.variant, overrides, workdir)
     _init_distributed(args)  # before the task module is imported: it may touch jax
     spec = load_experiment(args.experiment)
     from medjax.train.loop import fit

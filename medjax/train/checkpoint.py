@@ -175,6 +175,17 @@ class CheckpointManager:
             loop=dict(out.loop or {}),
         )
 
+    def restore_config(self, step: int | None = None) -> dict:
+        """The resolved config saved with checkpoint ``step`` (default: the latest), without the state."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        out = self._manager.restore(
+            int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return dict(out.config or {})
+
     def restore_state(self, abstract, step: int | None = None):
         """Restore only the train state of checkpoint ``step`` (default: the latest)."""
         if step is None:

@@ -35,7 +35,25 @@ DEFAULT_FIELDS = {
     "tensorboard": True,
     "reduce_on_plateau": None,
     "early_stopping": None,
+    # Refuse to resume a work directory whose checkpoint was trained with other settings.
+    "resume_check": True,
 }
+
+#: Fields that may change between a run and its resumption (length, logging, bookkeeping), and
+#: prefixes of evaluation-only settings; every other difference makes ``fit`` refuse to resume.
+RESUMABLE_CHANGES = (
+    "num_steps",
+    "log_every",
+    "checkpoint_every",
+    "eval_every",
+    "keep_checkpoints",
+    "keep_best",
+    "async_checkpoint",
+    "tensorboard",
+    "resume_check",
+    "early_stopping",
+    "eval.",
+)
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -217,6 +235,31 @@ def _jsonable(x):
     if hasattr(x, "item") and getattr(x, "shape", None) == ():
         return x.item()
     return str(x)
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"key: saved -> current"`` for every dotted key whose value differs (except RESUMABLE_CHANGES)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(_jsonable(saved)), flat(_jsonable(current))
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if key == "experiment" or any(
+            key == r or (r.endswith(".") and key.startswith(r)) or key.startswith(r + ".")
+            for r in RESUMABLE_CHANGES
+        ):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            changes.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return changes
 
 
 def config_to_json(config) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from medjax.train import checkpoint as _ckpt
 from medjax.train import mesh as _mesh
 from medjax.train import steps as _steps
-from medjax.train.config import config_to_json, validate_config
+from medjax.train.config import ConfigError, config_changes, config_to_json, validate_config
 from medjax.train.logging import (
     MetricsWriter,
     Progress,
@@ -167,8 +167,6 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     has_validate = experiment.implements("validate") if hasattr(experiment, "implements") else False
     eval_metric = getattr(experiment, "eval_metric", None) if has_validate and eval_every else None
 
-    if is_main:
-        write_text_atomic(workdir / "config.json", config_to_json(config) + "\n")
     config_dict = _jsonable(config.to_dict())
 
     rng = jax.random.PRNGKey(int(config.seed))
@@ -187,6 +185,18 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
 
     try:
         start = manager.latest_step()
+        if start is not None and config.get("resume_check", True):
+            # Before restoring (and before config.json is rewritten): a changed model would not
+            # even fit the saved arrays, and a changed optimiser would mix two runs silently.
+            changes = config_changes(manager.restore_config(start), config_dict)
+            if changes:
+                raise ConfigError(
+                    f"--workdir {workdir} holds a checkpoint (step {start}) trained with other "
+                    f"settings: {'; '.join(changes)}. Use a new work directory, rerun with the "
+                    "same settings, or pass --config.resume_check=False to resume anyway"
+                )
+        if is_main:
+            write_text_atomic(workdir / "config.json", config_to_json(config) + "\n")
         if start is not None:
             restored = manager.restore(abstract)
             state = restored.state

@@ -15,6 +15,7 @@ import pytest
 
 from medjax.train import fit, load_config, load_experiment, make_mesh, replicated
 from medjax.train.checkpoint import CheckpointManager, abstract_state, restore_state
+from medjax.train.config import ConfigError
 from medjax.train.logging import read_metrics
 from medjax.train.loop import NonFiniteLossError
 from medjax.train.optim import get_lr_scale
@@ -217,7 +218,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     m = CheckpointManager(tmp_path / "checkpoints")
     assert m.all_steps() == [n]
     m.close()
-    _, summary = _run(tmp_path, "num_steps=20", "checkpoint_every=100")
+    _, summary = _run(tmp_path, "num_steps=20", "checkpoint_every=100", "sleep_per_batch=0.2")
     assert (summary["start_step"], summary["step"]) == (n, 20)
     steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 21))
@@ -250,7 +251,7 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path):
     m = CheckpointManager(tmp_path / "cut" / "checkpoints")
     assert m.latest_step() in (3, 6), m.all_steps()  # killed between checkpoints
     m.close()
-    resumed, summary = _run(tmp_path / "cut", *common)
+    resumed, summary = _run(tmp_path / "cut", *common, "sleep_per_batch=0.3")
     assert summary["start_step"] in (3, 6) and summary["step"] == 12
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -293,3 +294,17 @@ def test_nan_validation_metric_stops_naming_the_step(tmp_path):
     with pytest.raises(NonFiniteLossError, match="non-finite validation val_loss at step 2 ") as e:
         _run(tmp_path, "eval_every=1", "checkpoint_every=1", "val_values=(1.0, 'nan')")
     assert "last good checkpoint: step 1" in str(e.value)
+
+
+def test_resume_refuses_other_settings_and_keeps_the_saved_config(tmp_path):
+    _run(tmp_path, "num_steps=3")
+    saved = (tmp_path / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"optimizer.learning_rate: 0.05 -> 0.01") as e:
+        _run(tmp_path, "num_steps=6", "optimizer.learning_rate=0.01")
+    assert "--config.resume_check=False" in str(e.value)
+    assert (tmp_path / "config.json").read_text() == saved  # nothing saved is overwritten
+    # more steps and other logging are fine; so is an explicit override of the check
+    _, summary = _run(tmp_path, "num_steps=4", "log_every=2")
+    assert (summary["start_step"], summary["step"]) == (3, 4)
+    _, summary = _run(tmp_path, "num_steps=5", "optimizer.learning_rate=0.01", "resume_check=False")
+    assert (summary["start_step"], summary["step"]) == (4, 5)
