@@ -1,4 +1,4 @@
-"""Estienne et al. 2020 ablation: train and evaluate variants (a)-(f), write one comparison table.
+"""Estienne et al. 2020 ablation: train and evaluate variants (a)-(g), write one comparison table.
 
     python experiments/estienne2020/compare.py --variant quick --workdir runs/estienne2020_compare
 
