@@ -89,6 +89,18 @@ class UniverSeg(nn.Module):
     ndim: int = 2
     dtype: jnp.dtype | None = None
 
+    def apply(self, variables, *args, **kwargs):
+        """``nn.Module.apply``; also accepts ``{"params": load_pytorch_weights(...)}``.
+
+        :func:`load_pytorch_weights` returns variables ``{"params": tree}`` like ``init``, so
+        ``apply(weights, ...)`` is the usual call; wrapping them once more, as one would wrap a bare
+        params tree, is unwrapped here instead of failing on a missing ``enc_0``.
+        """
+        inner = variables.get("params") if hasattr(variables, "get") else None
+        if hasattr(inner, "keys") and set(inner.keys()) == {"params"}:
+            variables = {**variables, "params": inner["params"]}
+        return super().apply(variables, *args, **kwargs)
+
     @nn.compact
     def __call__(self, query, support_images, support_labels, *, train: bool = False):
         del train  # no dropout or normalisation in UniverSeg

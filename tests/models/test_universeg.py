@@ -204,6 +204,9 @@ def test_load_pytorch_weights_matches_torch_recreation(tmp_path):
     for src in (pt, str(npz)):
         out2 = np.asarray(apply(load_pytorch_weights(src), q, si, sl))
         np.testing.assert_allclose(out2, out, atol=1e-6)
+    # wrapped once more, as a bare params tree would be, the weights work too
+    out3 = np.asarray(jax.jit(model.apply)({"params": params}, q, si, sl))
+    np.testing.assert_allclose(out3, out, atol=1e-6)
 
 
 def test_load_pytorch_weights_rejects_wrong_keys():
