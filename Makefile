@@ -33,7 +33,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check medjax tests experiments benchmarks
+	$(BIN)/ruff check medjax tests experiments benchmarks notebooks
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/warp.py
