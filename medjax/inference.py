@@ -2,7 +2,6 @@
 
 import functools
 import math
-import weakref
 
 import jax
 import jax.numpy as jnp
@@ -60,18 +59,21 @@ def importance_map(roi_size, mode="gaussian", sigma_scale=0.125):
     return np.maximum(w, max(float(w.min()), 1e-3)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_jit(predictor):
+    return jax.jit(predictor)
+
+
 def _jitted(predictor):
-    """``jax.jit(predictor)``, cached per predictor so that repeated calls reuse its compilations."""
+    """``jax.jit(predictor)``, cached by equality rather than identity.
+
+    ``model.apply`` is a new bound-method object at every attribute access, so jax's own cache
+    (per function object) would compile it again for every volume; equal bound methods share here.
+    """
     try:
-        return _JIT_CACHE[predictor]
-    except TypeError:  # unhashable callable
+        return _cached_jit(predictor)
+    except TypeError:  # an unhashable callable: jax's per-object cache only
         return jax.jit(predictor)
-    except KeyError:
-        fn = _JIT_CACHE[predictor] = jax.jit(predictor)
-        return fn
-
-
-_JIT_CACHE = weakref.WeakKeyDictionary()
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

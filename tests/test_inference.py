@@ -154,6 +154,17 @@ def test_parameters_as_args_compile_once_across_calls():
         np.testing.assert_allclose(np.asarray(out), w * w + 1.0, rtol=1e-6)
     assert traces == [(3, 4, 4, 1)]
 
+    class Model:  # like a flax module: model.apply is a new bound method at every access
+        def apply(self, x, params):
+            traces.append(x.shape)
+            return params["w"] * x[..., :1]
+
+    model = Model()
+    for w in (2.0, 3.0):
+        out = sliding_window_inference(vol, (4, 4), model.apply, args=({"w": jnp.float32(w)},))
+        np.testing.assert_allclose(np.asarray(out), w, rtol=1e-6)
+    assert traces == [(3, 4, 4, 1), (1, 4, 4, 1)]
+
 
 def test_importance_map_matches_monai():
     torch = require_reference("torch")
