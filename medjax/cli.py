@@ -116,7 +116,8 @@ def _resolve_config(name, variant, overrides, workdir: pathlib.Path):
     saved = _saved_config(workdir)
     if saved is not None and saved.get("experiment") not in (None, name):
         raise UsageError(
-            f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, not {name!r}"
+            f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, "
+            f"not {name!r}; use another work directory"
         )
     if saved is not None and (variant is None or variant == saved.get("variant")):
         config = config_from_json(saved)
@@ -139,19 +140,11 @@ def _restore(spec, config, workdir):
 
 
 def _train(args, overrides):
-    from medjax.train.config import load_config
     from medjax.train.experiment import load_experiment
 
     workdir = pathlib.Path(args.workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UsageError(f"--workdir: expected a directory, got the file {workdir}")
-    load_config(args.experiment, args.variant, overrides)  # unknown names and keys fail here
-    saved = _saved_config(workdir) if workdir.is_dir() else None
-    if saved is not None and saved.get("experiment") not in (None, args.experiment):
-        raise UsageError(
-            f"--workdir: {workdir} holds experiment {saved.get('experiment')!r}, "
-            f"not {args.experiment!r}; use another work directory"
-        )
     # Rerunning in a work directory continues its saved config (plus these overrides), so a
     # resumed run never mixes two settings; fit() refuses overrides that change the training.
     config = _resolve_config(args.experiment, args.variant, overrides, workdir)

@@ -536,6 +536,7 @@ class Experiment(medjax.train.Experiment):
             per.setdefault(key, []).append(float(value))
 
         n_anat = self.data.n_anatomy
+        n_cls = int(self.config.model.n_classes)
         band = int(self.config.near_band)
         infer_times = []
         for idx, pair in enumerate(self.data.test_pairs()):
@@ -573,7 +574,6 @@ class Experiment(medjax.train.Experiment):
                     ("fixed", out["seg_fixed"][0], pair["tumour_fixed"]),
                 ):
                     pred = np.argmax(probs, axis=-1).astype(np.int32)
-                    n_cls = int(self.config.model.n_classes)
                     d = np.asarray(metrics.dice(pred[None], truth[None], num_classes=n_cls))[0]
                     for c, cname in enumerate(_class_names(n_cls)):
                         add(f"tumour_dice_{cname}", d[c])

@@ -250,15 +250,14 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         return out
 
     a, b = flat(_jsonable(saved)), flat(_jsonable(current))
+    free = tuple(r.rstrip(".") for r in RESUMABLE_CHANGES) + ("experiment",)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if key == "experiment" or any(
-            key == r or (r.endswith(".") and key.startswith(r)) or key.startswith(r + ".")
-            for r in RESUMABLE_CHANGES
-        ):
+        if any(key == r or key.startswith(r + ".") for r in free):
             continue
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            changes.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+        old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
 
 
