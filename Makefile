@@ -38,6 +38,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/warp.py
 	$(BIN)/python benchmarks/universeg.py
+	$(BIN)/python benchmarks/conv.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

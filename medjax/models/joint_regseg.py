@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from medjax import losses, ops
+from medjax.nn import conv
 from medjax.nn.blocks import ConvAct, ResidualDecoder, ResidualEncoder
 
 Dtype = Any
@@ -123,6 +124,7 @@ class JointRegSeg(nn.Module):
             kernel_init=nn.initializers.normal(self.phi_init_std),
             bias_init=nn.initializers.zeros,
             name="reg_head",
+            conv_general_dilated=conv.conv_general_dilated,
         )(reg_feats)
         phi = jax.nn.sigmoid(phi_logits.astype(jnp.float32))
 

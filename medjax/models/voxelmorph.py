@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from medjax import losses, ops
+from medjax.nn import conv
 from medjax.nn.blocks import ConvAct
 
 Dtype = Any
@@ -93,6 +94,7 @@ class VoxelMorph(nn.Module):
             kernel_init=nn.initializers.normal(1e-5),
             bias_init=nn.initializers.zeros,
             name="flow",
+            conv_general_dilated=conv.conv_general_dilated,
         )(x).astype(jnp.float32)
         if self.field == "diffeomorphic":
             disp = ops.integrate_velocity(field, steps=self.int_steps)

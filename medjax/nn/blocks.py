@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medjax.nn import conv as _conv
+
 Dtype = Any
 
 
@@ -66,8 +68,35 @@ class ConvAct(nn.Module):
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=self.kernel_init,
+            conv_general_dilated=_conv.conv_general_dilated,
         )(x)
         return x if self.act is None else self.act(x)
+
+
+class PatchConvTranspose(nn.Module):
+    """``flax.linen.ConvTranspose(features, factor^d, strides=factor, padding="VALID")``, same params.
+
+    Computed by :func:`medjax.nn.conv.conv_transpose_patch` (a matrix product and a reshape on CPU,
+    where XLA's transposed convolution is slow; ``lax.conv_transpose`` elsewhere). Parameters:
+    ``kernel (*factor^d, C, features)`` (lecun-normal) and ``bias (features,)`` (zeros), float32.
+    """
+
+    features: int
+    factor: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = _ndim(x)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (self.factor,) * d + (x.shape[-1], self.features),
+            jnp.float32,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return _conv.conv_transpose_patch(x, kernel) + bias
 
 
 class UpConvAct(nn.Module):
@@ -80,14 +109,8 @@ class UpConvAct(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = _ndim(x)
-        x = nn.ConvTranspose(
-            self.features,
-            (self.factor,) * d,
-            strides=(self.factor,) * d,
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
+        x = PatchConvTranspose(
+            self.features, self.factor, dtype=self.dtype, name="ConvTranspose_0"
         )(x)
         return x if self.act is None else self.act(x)
 

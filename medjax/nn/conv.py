@@ -1,0 +1,242 @@
+"""Convolution lowerings that XLA:CPU runs faster than ``lax.conv_general_dilated``.
+
+XLA:CPU's convolution is slowest exactly where 3D segmentation and registration networks spend
+much of their time: full-resolution layers with a handful of channels, and the backward pass of
+stride-2 patch convolutions. Measured on this project's 2-core CPU (``benchmarks/conv.py``), a 3^3
+convolution at 32^3 with 4 -> 4 channels runs at about 0.5 GFLOP/s forward and backward, and the
+gradient of a 2^3 stride-2 convolution takes about 30x its forward time.
+
+:func:`conv_general_dilated` is a drop-in replacement for ``lax.conv_general_dilated`` (flax's
+``nn.Conv(conv_general_dilated=...)`` hook) that computes the same convolution another way when it
+is known to be faster on CPU, and otherwise calls ``lax.conv_general_dilated`` unchanged:
+
+- **patch convolutions** (stride equal to the kernel size, no padding needed, 1^d kernels
+  included): a reshape (space-to-depth) and one matrix product;
+- **small-channel stride-1 ``SAME`` convolutions** (``C_in * C_out <= small_channel_limit``): a sum
+  of one small matrix product per kernel offset over a padded input, which XLA fuses into a few
+  loops.
+
+Both are the same arithmetic as the convolution (only the summation order differs, so results
+agree to float rounding) and differentiate with ordinary autodiff. The alternative lowerings are
+used only on the CPU backend; on GPU/TPU the library convolution is always used.
+
+:func:`conv_transpose_patch` is the transposed-convolution counterpart for a stride-``factor``
+``factor``^d kernel (the V-Net / U-Net upsampling), identical to ``flax.linen.ConvTranspose``
+(``padding="VALID"``, ``transpose_kernel=False``) with the same parameter layout.
+"""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Master switch, read when a function is traced: False always uses the library convolution.
+enabled = True
+# Stride-1 SAME convolutions with C_in * C_out at most this use the shifted-product lowering on
+# CPU (measured crossover; see benchmarks/conv.py). 0 disables it.
+small_channel_limit = 64
+# ... and with C_in * C_out up to this when the volume per example is at most small_volume voxels.
+medium_channel_limit = 256
+small_volume = 16**3
+
+
+def _cpu():
+    return jax.default_backend() == "cpu"
+
+
+def _specs(ndim):
+    """lax spec strings of the channels-last layout for ``ndim``-dimensional operands."""
+    spatial = "DHWXYZUV"[: ndim - 2]  # any letters but N, C, I, O
+    return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+
+def _channels_last(ndim, dimension_numbers):
+    """True when ``dimension_numbers`` is the channels-last layout (N, *S, C), (*K, I, O), (N, *S, C)."""
+    if dimension_numbers is None:
+        return False
+    shape = (1,) * ndim
+    expected = lax.conv_dimension_numbers(shape, shape, _specs(ndim))
+    if not isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+        dimension_numbers = lax.conv_dimension_numbers(shape, shape, dimension_numbers)
+    return tuple(dimension_numbers) == tuple(expected)
+
+
+def _all_ones(v, n):
+    return v is None or tuple(v) == (1,) * n
+
+
+def _is_same(padding):
+    return isinstance(padding, str) and padding.upper() == "SAME"
+
+
+def _no_padding(padding, kernel, strides, spatial):
+    """True when ``padding`` adds nothing for a kernel == stride convolution of these sizes."""
+    if isinstance(padding, str):
+        if padding.upper() == "VALID":
+            return True
+        if padding.upper() == "SAME":
+            return all(s % k == 0 for s, k in zip(spatial, kernel, strict=True))
+        return False
+    return all(tuple(p) == (0, 0) for p in padding)
+
+
+def _patch_conv(x, w, precision):
+    """Stride == kernel convolution, no padding: space-to-depth and one matrix product."""
+    n = x.ndim - 2
+    k = w.shape[:n]
+    b, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+    out = tuple(s // kk for s, kk in zip(spatial, k, strict=True))
+    # Drop a ragged end (VALID semantics), then split every axis into (blocks, within-block).
+    x = x[(slice(None),) + tuple(slice(0, o * kk) for o, kk in zip(out, k, strict=True))]
+    x = x.reshape((b,) + tuple(itertools.chain(*zip(out, k, strict=True))) + (c,))
+    perm = (
+        (0,)
+        + tuple(1 + 2 * i for i in range(n))
+        + tuple(2 + 2 * i for i in range(n))
+        + (2 * n + 1,)
+    )
+    x = x.transpose(perm).reshape((b,) + out + (math.prod(k) * c,))
+    return jnp.dot(x, w.reshape(-1, w.shape[-1]), precision=precision)
+
+
+def _shifted_conv(x, w, precision):
+    """Stride-1 SAME convolution with an odd kernel as a sum of per-offset matrix products."""
+    n = x.ndim - 2
+    k = w.shape[:n]
+    spatial = x.shape[1:-1]
+    pads = [((kk - 1) // 2, kk - 1 - (kk - 1) // 2) for kk in k]
+    xp = jnp.pad(x, [(0, 0)] + pads + [(0, 0)])
+    out = None
+    for offset in itertools.product(*(range(kk) for kk in k)):
+        window = xp[
+            (slice(None),) + tuple(slice(o, o + s) for o, s in zip(offset, spatial, strict=True))
+        ]
+        term = jnp.dot(window, w[offset], precision=precision)
+        out = term if out is None else out + term
+    return out
+
+
+def choose(
+    lhs_shape,
+    rhs_shape,
+    window_strides,
+    padding,
+    *,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    backend=None,
+):
+    """Name of the lowering :func:`conv_general_dilated` uses: ``"patch"``, ``"shifted"`` or ``"xla"``."""
+    ndim = len(lhs_shape)
+    n = ndim - 2
+    if not enabled or (backend or jax.default_backend()) != "cpu" or n < 1:
+        return "xla"
+    if feature_group_count != 1 or batch_group_count != 1:
+        return "xla"
+    if not (_all_ones(lhs_dilation, n) and _all_ones(rhs_dilation, n)):
+        return "xla"
+    if not _channels_last(ndim, dimension_numbers):
+        return "xla"
+    kernel = tuple(rhs_shape[:n])
+    strides = tuple(window_strides)
+    spatial = tuple(lhs_shape[1:-1])
+    if strides == kernel and _no_padding(padding, kernel, strides, spatial):
+        return "patch"
+    cc = rhs_shape[-2] * rhs_shape[-1]
+    if (
+        strides == (1,) * n
+        and _is_same(padding)
+        and all(kk % 2 == 1 for kk in kernel)
+        and math.prod(kernel) > 1
+        and (
+            cc <= small_channel_limit
+            or (cc <= medium_channel_limit and math.prod(spatial) <= small_volume)
+        )
+    ):
+        return "shifted"
+    return "xla"
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """``lax.conv_general_dilated`` with faster CPU lowerings for patch and small-channel convolutions.
+
+    Same signature and result; see the module docstring for when another lowering is used.
+    """
+    how = choose(
+        lhs.shape,
+        rhs.shape,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+    )
+    if how == "xla" or preferred_element_type is not None:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+    dtype = jnp.result_type(lhs, rhs)
+    lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+    if how == "patch":
+        return _patch_conv(lhs, rhs, precision)
+    return _shifted_conv(lhs, rhs, precision)
+
+
+def conv_transpose_patch(x, kernel, precision=None, *, backend=None):
+    """Transposed convolution with stride = kernel size, ``VALID`` (each input voxel -> one block).
+
+    ``x (B, *S, C)``, ``kernel (*K, C, F)`` -> ``(B, *(S*K), F)``; equal to
+    ``lax.conv_transpose(x, kernel, K, "VALID", transpose_kernel=False)`` (which flips the kernel)
+    and so to ``flax.linen.ConvTranspose(F, K, strides=K, padding="VALID")`` with the same kernel.
+    On CPU it is one matrix product and a depth-to-space reshape; elsewhere ``lax.conv_transpose``.
+    """
+    n = x.ndim - 2
+    if not enabled or (backend or jax.default_backend()) != "cpu":
+        return lax.conv_transpose(
+            x,
+            kernel,
+            kernel.shape[:n],
+            "VALID",
+            dimension_numbers=_specs(x.ndim),
+            transpose_kernel=False,
+            precision=precision,
+        )
+    k = kernel.shape[:n]
+    b, spatial, f = x.shape[0], x.shape[1:-1], kernel.shape[-1]
+    flipped = kernel[tuple(slice(None, None, -1) for _ in range(n))]
+    # (B, *S, C) . (C, *K * F) -> (B, *S, *K, F), then interleave blocks: (B, S0, K0, S1, K1, ..., F)
+    w = jnp.moveaxis(flipped, -2, 0).reshape(kernel.shape[-2], -1)
+    y = jnp.dot(x, w, precision=precision).reshape((b,) + tuple(spatial) + tuple(k) + (f,))
+    perm = (0,) + tuple(itertools.chain(*((1 + i, 1 + n + i) for i in range(n)))) + (2 * n + 1,)
+    return y.transpose(perm).reshape(
+        (b,) + tuple(s * kk for s, kk in zip(spatial, k, strict=True)) + (f,)
+    )

@@ -1,0 +1,309 @@
+"""medjax.nn.conv: the CPU lowerings against lax, a NumPy loop, and flax's ConvTranspose."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from medjax.nn import conv
+
+
+def _lax(x, w, strides, padding):
+    return lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=conv._specs(x.ndim), precision="highest"
+    )
+
+
+def _ours(x, w, strides, padding):
+    return conv.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=conv._specs(x.ndim), precision="highest"
+    )
+
+
+def _numpy_conv_same(x, w):
+    """Direct loop: out[b, p, o] = sum_{offset, c} xpad[b, p + offset, c] * w[offset, c, o]."""
+    n = x.ndim - 2
+    k = w.shape[:n]
+    pads = [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in k] + [(0, 0)]
+    xp = np.pad(x, pads)
+    out = np.zeros(x.shape[:-1] + (w.shape[-1],))
+    for pos in itertools.product(*(range(s) for s in x.shape[1:-1])):
+        for off in itertools.product(*(range(kk) for kk in k)):
+            idx = (
+                (slice(None),)
+                + tuple(p + o for p, o in zip(pos, off, strict=True))
+                + (slice(None),)
+            )
+            out[(slice(None),) + pos] += xp[idx] @ w[off]
+    return out
+
+
+def _data(shape, cin, cout, k, seed=0):
+    rx, rw = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    x = rx.normal(size=shape + (cin,)).astype(np.float32)
+    w = rw.normal(size=k + (cin, cout)).astype(np.float32) * 0.3
+    return x, w
+
+
+def test_choose_dispatch():
+    s = conv._specs(5)
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (3, 3, 3, 4, 4),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "shifted"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 64),
+            (3, 3, 3, 64, 64),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "xla"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (2, 2, 2, 4, 8),
+            (2, 2, 2),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "patch"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (2, 2, 2, 4, 8),
+            (2, 2, 2),
+            "VALID",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "patch"
+    )
+    # GPU/TPU, grouped, dilated, channels-first or even kernels keep the library convolution.
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (3, 3, 3, 4, 4),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            backend="gpu",
+        )
+        == "xla"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (3, 3, 3, 2, 4),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            feature_group_count=2,
+            backend="cpu",
+        )
+        == "xla"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (3, 3, 3, 4, 4),
+            (1, 1, 1),
+            "SAME",
+            rhs_dilation=(2, 2, 2),
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "xla"
+    )
+    assert (
+        conv.choose(
+            (2, 4, 32, 32, 32),
+            (4, 4, 3, 3, 3),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+            backend="cpu",
+        )
+        == "xla"
+    )
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (2, 2, 2, 4, 4),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "xla"
+    )
+    # 1^d kernels are a plain matrix product.
+    assert (
+        conv.choose(
+            (2, 32, 32, 32, 4),
+            (1, 1, 1, 4, 3),
+            (1, 1, 1),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "patch"
+    )
+    # SAME with a size not divisible by the stride pads: not a pure patch convolution.
+    assert (
+        conv.choose(
+            (2, 33, 32, 32, 4),
+            (2, 2, 2, 4, 8),
+            (2, 2, 2),
+            "SAME",
+            dimension_numbers=s,
+            backend="cpu",
+        )
+        == "xla"
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,cin,cout,k",
+    [
+        ((2, 6, 5, 4), 3, 2, (3, 3, 3)),
+        ((1, 7, 6), 2, 3, (3, 5)),
+        ((2, 9), 4, 4, (5,)),
+        ((1, 4, 4, 4), 1, 1, (3, 1, 3)),
+    ],
+)
+def test_shifted_matches_numpy_loop_and_lax(shape, cin, cout, k):
+    x, w = _data(shape, cin, cout, k)
+    ref = _numpy_conv_same(x.astype(np.float64), w.astype(np.float64))
+    ours = np.asarray(conv._shifted_conv(jnp.asarray(x), jnp.asarray(w), "highest"))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours, np.asarray(_lax(x, w, (1,) * len(k), "SAME")), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,k,padding",
+    [
+        ((2, 8, 6, 4), (2, 2, 2), "SAME"),
+        ((1, 9, 6, 4), (2, 3, 2), "VALID"),
+        ((2, 12, 10), (4, 2), "VALID"),
+    ],
+)
+def test_patch_matches_lax(shape, k, padding):
+    x, w = _data(shape, 3, 5, k)
+    ours = _ours(x, w, k, padding)
+    if jax.default_backend() == "cpu":
+        assert (
+            conv.choose(x.shape, w.shape, k, padding, dimension_numbers=conv._specs(x.ndim))
+            == "patch"
+        )
+    np.testing.assert_allclose(
+        np.asarray(ours), np.asarray(_lax(x, w, k, padding)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "strides,k,cin,cout", [((1, 1, 1), (3, 3, 3), 4, 4), ((2, 2, 2), (2, 2, 2), 4, 8)]
+)
+def test_gradients_match_lax(strides, k, cin, cout):
+    x, w = _data((2, 8, 8, 8), cin, cout, k, seed=3)
+    g = np.random.default_rng(9).normal(size=(2,) + tuple(8 // s for s in strides) + (cout,))
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w, strides, "SAME") * g)
+
+    gx, gw = jax.grad(loss(_ours), argnums=(0, 1))(x, w)
+    rx, rw = jax.grad(loss(_lax), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_finite_difference():
+    x, w = _data((1, 5, 4, 3), 2, 2, (3, 3, 3), seed=5)
+    x, w = x.astype(np.float64), w.astype(np.float64)
+    with jax.enable_x64():
+
+        def f(w):
+            return jnp.sum(jnp.sin(conv._shifted_conv(jnp.asarray(x), w, "highest")))
+
+        g = np.asarray(jax.grad(f)(jnp.asarray(w)))
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            idx = tuple(int(rng.integers(s)) for s in w.shape)
+            e = np.zeros_like(w)
+            e[idx] = 1e-6
+            fd = (float(f(jnp.asarray(w + e))) - float(f(jnp.asarray(w - e)))) / 2e-6
+            assert abs(fd - g[idx]) < 1e-6 * max(1.0, abs(fd)) + 1e-7
+
+
+def test_flax_conv_hook_matches_default():
+    x, _ = _data((2, 8, 8, 8), 4, 4, (3, 3, 3))
+    plain = nn.Conv(4, (3, 3, 3), padding="SAME", precision="highest")
+    fast = nn.Conv(
+        4,
+        (3, 3, 3),
+        padding="SAME",
+        precision="highest",
+        conv_general_dilated=conv.conv_general_dilated,
+    )
+    params = plain.init(jax.random.key(0), x)
+    np.testing.assert_allclose(
+        np.asarray(fast.apply(params, x)), np.asarray(plain.apply(params, x)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,k", [((2, 3, 4, 2), (2, 2, 2)), ((1, 3, 5), (3, 2)), ((2, 4), (2,))]
+)
+def test_conv_transpose_patch_matches_flax(shape, k):
+    x, _ = _data(shape, 3, 5, k)
+    layer = nn.ConvTranspose(5, k, strides=k, padding="VALID", use_bias=False, precision="highest")
+    params = layer.init(jax.random.key(1), x)
+    ref = layer.apply(params, x)
+    ours = conv.conv_transpose_patch(
+        jnp.asarray(x), params["params"]["kernel"], precision="highest"
+    )
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_up_conv_act_same_params_and_output_as_flax_conv_transpose():
+    """UpConvAct's params (names, shapes, initial values) and output equal nn.ConvTranspose's."""
+    from medjax.nn.blocks import UpConvAct
+
+    class Reference(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.ConvTranspose(
+                6, (2, 2, 2), strides=(2, 2, 2), padding="VALID", precision="highest"
+            )(x)
+            return nn.relu(y)
+
+    x = jnp.asarray(_data((2, 3, 4, 5), 3, 1, (1,))[0])
+    ours_params = UpConvAct(6).init(jax.random.key(4), x)
+    ref_params = Reference().init(jax.random.key(4), x)
+    jax.tree.map(np.testing.assert_array_equal, ours_params, ref_params)
+    params = jax.tree.map(lambda p: p + 0.1, ref_params)  # non-zero bias too
+    np.testing.assert_allclose(
+        np.asarray(UpConvAct(6).apply(params, x)),
+        np.asarray(Reference().apply(params, x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
