@@ -12,13 +12,17 @@ is known to be faster on CPU, and otherwise calls ``lax.conv_general_dilated`` u
 
 - **patch convolutions** (stride equal to the kernel size, no padding needed, 1^d kernels
   included): a reshape (space-to-depth) and one matrix product;
-- **small-channel stride-1 ``SAME`` convolutions** (``C_in * C_out <= small_channel_limit``): a sum
-  of one small matrix product per kernel offset over a padded input, which XLA fuses into a few
-  loops.
+- **small-channel stride-1 ``SAME`` convolutions** with an odd kernel (``C_in * C_out`` at most
+  ``small_channel_limit``, or at most ``medium_channel_limit`` on volumes of at most
+  ``small_volume`` voxels): a sum of one small matrix product per kernel offset over a padded
+  input. Its backward pass is several times faster; its forward pass can be slightly slower at the
+  upper channel limits.
 
 Both are the same arithmetic as the convolution (only the summation order differs, so results
 agree to float rounding) and differentiate with ordinary autodiff. The alternative lowerings are
-used only on the CPU backend; on GPU/TPU the library convolution is always used.
+used only on the CPU backend; on GPU/TPU the library convolution is always used. They compile more
+slowly (more HLO ops): the quick joint network's training step took about 35 s to compile instead
+of 13 s, and then ran 2.5x faster.
 
 :func:`conv_transpose_patch` is the transposed-convolution counterpart for a stride-``factor``
 ``factor``^d kernel (the V-Net / U-Net upsampling), identical to ``flax.linen.ConvTranspose``
@@ -40,10 +44,6 @@ small_channel_limit = 64
 # ... and with C_in * C_out up to this when the volume per example is at most small_volume voxels.
 medium_channel_limit = 256
 small_volume = 16**3
-
-
-def _cpu():
-    return jax.default_backend() == "cpu"
 
 
 def _specs(ndim):
