@@ -49,134 +49,37 @@ def _data(shape, cin, cout, k, seed=0):
     return x, w
 
 
-def test_choose_dispatch():
-    s = conv._specs(5)
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (3, 3, 3, 4, 4),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "shifted"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 64),
-            (3, 3, 3, 64, 64),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "xla"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (2, 2, 2, 4, 8),
-            (2, 2, 2),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "patch"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (2, 2, 2, 4, 8),
-            (2, 2, 2),
-            "VALID",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "patch"
-    )
+_CL = conv._specs(5)  # channels-last 3D
+_DISPATCH = [
+    # (lhs shape, rhs shape, strides, padding, extra keywords, expected lowering)
+    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {}, "shifted"),
+    ((2, 32, 32, 32, 64), (3, 3, 3, 64, 64), (1, 1, 1), "SAME", {}, "xla"),
+    ((2, 32, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "SAME", {}, "patch"),
+    ((2, 32, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "VALID", {}, "patch"),
     # GPU/TPU, grouped, dilated, channels-first or even kernels keep the library convolution.
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (3, 3, 3, 4, 4),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            backend="gpu",
-        )
-        == "xla"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (3, 3, 3, 2, 4),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            feature_group_count=2,
-            backend="cpu",
-        )
-        == "xla"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (3, 3, 3, 4, 4),
-            (1, 1, 1),
-            "SAME",
-            rhs_dilation=(2, 2, 2),
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "xla"
-    )
-    assert (
-        conv.choose(
-            (2, 4, 32, 32, 32),
-            (4, 4, 3, 3, 3),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
-            backend="cpu",
-        )
-        == "xla"
-    )
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (2, 2, 2, 4, 4),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "xla"
-    )
+    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {"backend": "gpu"}, "xla"),
+    ((2, 32, 32, 32, 4), (3, 3, 3, 2, 4), (1, 1, 1), "SAME", {"feature_group_count": 2}, "xla"),
+    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {"rhs_dilation": (2, 2, 2)}, "xla"),
+    (
+        (2, 4, 32, 32, 32),
+        (4, 4, 3, 3, 3),
+        (1, 1, 1),
+        "SAME",
+        {"dimension_numbers": ("NCDHW", "OIDHW", "NCDHW")},
+        "xla",
+    ),
+    ((2, 32, 32, 32, 4), (2, 2, 2, 4, 4), (1, 1, 1), "SAME", {}, "xla"),
     # 1^d kernels are a plain matrix product.
-    assert (
-        conv.choose(
-            (2, 32, 32, 32, 4),
-            (1, 1, 1, 4, 3),
-            (1, 1, 1),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "patch"
-    )
+    ((2, 32, 32, 32, 4), (1, 1, 1, 4, 3), (1, 1, 1), "SAME", {}, "patch"),
     # SAME with a size not divisible by the stride pads: not a pure patch convolution.
-    assert (
-        conv.choose(
-            (2, 33, 32, 32, 4),
-            (2, 2, 2, 4, 8),
-            (2, 2, 2),
-            "SAME",
-            dimension_numbers=s,
-            backend="cpu",
-        )
-        == "xla"
-    )
+    ((2, 33, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "SAME", {}, "xla"),
+]
+
+
+@pytest.mark.parametrize("lhs,rhs,strides,padding,extra,expected", _DISPATCH)
+def test_choose_dispatch(lhs, rhs, strides, padding, extra, expected):
+    kw = {"dimension_numbers": _CL, "backend": "cpu", **extra}
+    assert conv.choose(lhs, rhs, strides, padding, **kw) == expected
 
 
 @pytest.mark.parametrize(
