@@ -3,7 +3,7 @@
     medjax train <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
     medjax eval <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
     medjax predict --workdir DIR <input files...> --out DIR
-    medjax list
+    medjax list [--models]
 
 Rerunning ``medjax train`` with the same work directory resumes from its latest checkpoint.
 User errors (unknown experiment, config key or work directory) print one line and exit with 2.
@@ -57,7 +57,10 @@ def _parser():
     r.add_argument("--workdir", required=True)
     r.add_argument("--out", required=True, help="output folder for the predictions")
 
-    sub.add_parser("list", help="list the experiments with their variants")
+    ls = sub.add_parser("list", help="list the experiments with their variants (or the models)")
+    ls.add_argument(
+        "--models", action="store_true", help="list the registered networks with parameter counts"
+    )
     return p
 
 
@@ -239,6 +242,8 @@ def _list(args, overrides):
         load_config_module,
     )
 
+    if getattr(args, "models", False):
+        return _list_models()
     names = list_experiments()
     if not names:
         print(f"no experiments found in {find_experiments_dir()}")
@@ -252,6 +257,23 @@ def _list(args, overrides):
         except Exception as e:  # one broken experiment must not hide the others
             variants, text = "?", f"(config does not load: {type(e).__name__}: {e})"
         print(f"{name:<{width}}  [{variants}]  {text}")
+    return 0
+
+
+def _list_models():
+    from medjax.models import registry
+
+    names = registry.names()
+    width = max(len(n) for n in names)
+    print(f"{'name':<{width}}  {'parameters':>12}  class (aliases): description")
+    for name in names:
+        e = registry.entry(name)
+        try:
+            count = f"{registry.param_count(name):,}"
+        except Exception as err:  # one broken model must not hide the others
+            count = f"? ({type(err).__name__})"
+        aliases = f" ({', '.join(e.aliases)})" if e.aliases else ""
+        print(f"{name:<{width}}  {count:>12}  {e.cls}{aliases}: {e.description}")
     return 0
 
 

@@ -32,8 +32,9 @@ import medjax.train
 from medjax import metrics, ops
 from medjax.data import datasets, pipeline, synthetic, transforms
 from medjax.data.io import load_image, save_image
-from medjax.models.joint_regseg import JointRegSeg, SegmentationNet, joint_loss_terms
-from medjax.models.voxelmorph import VoxelMorph, voxelmorph_loss_terms
+from medjax.losses import joint_loss_terms, voxelmorph_loss_terms
+from medjax.models.joint_regseg import JointRegSeg, SegmentationNet
+from medjax.models.voxelmorph import VoxelMorph
 from medjax.nn.blocks import fast_init
 from medjax.train.optim import make_optimizer
 from medjax.train.state import TrainState

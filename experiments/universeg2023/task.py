@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,32 +24,11 @@ from medjax.data import tasks as T
 from medjax.data.pipeline import FunctionSource, make_iterator
 from medjax.losses import soft_dice_loss
 from medjax.metrics import dice
+from medjax.models.small_unet import SmallUNet
 from medjax.models.universeg import UniverSeg, predict
-from medjax.ops import resize
 from medjax.train import TrainState, adam, supervised_step
 
 EPISODES_PER_EPOCH = 1_000_000
-
-
-class SmallUNet(nn.Module):
-    """Per-task supervised baseline: a 3-level 2D U-Net, (B, H, W, 1) -> logits (B, H, W, 1)."""
-
-    features: int = 16
-
-    @nn.compact
-    def __call__(self, x):
-        def block(h, f):
-            for _ in range(2):
-                h = nn.relu(nn.Conv(f, (3, 3))(h))
-            return h
-
-        f = self.features
-        s1 = block(x, f)
-        s2 = block(nn.max_pool(s1, (2, 2), (2, 2)), 2 * f)
-        h = block(nn.max_pool(s2, (2, 2), (2, 2)), 4 * f)
-        h = block(jnp.concatenate([resize(h, 2), s2], -1), 2 * f)
-        h = block(jnp.concatenate([resize(h, 2), s1], -1), f)
-        return nn.Conv(1, (1, 1))(h)
 
 
 def _binary_dice(prob, label):

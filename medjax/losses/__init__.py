@@ -6,9 +6,18 @@ Segmentation (logits (B, *S, C); targets int (B, *S) or one-hot/soft (B, *S, C))
 Similarity: ``mse``, ``local_ncc`` (negative NCC), ``heatmap_mse``.
 Regularisers: ``phi_l1``, ``displacement_l2_gradient``.
 Adversarial: ``wgan_critic_loss``, ``wgan_generator_loss``.
+Registration (model output dicts): ``joint_loss`` / ``joint_loss_terms`` / ``background_mask``
+(Estienne 2020), ``voxelmorph_loss`` / ``voxelmorph_loss_terms``.
 """
 
 from medjax.losses.adversarial import wgan_critic_loss, wgan_generator_loss
+from medjax.losses.registration import (
+    background_mask,
+    joint_loss,
+    joint_loss_terms,
+    voxelmorph_loss,
+    voxelmorph_loss_terms,
+)
 from medjax.losses.regularizers import displacement_l2_gradient, phi_l1
 from medjax.losses.segmentation import (
     adaptive_tversky_loss,
@@ -23,17 +32,22 @@ from medjax.losses.similarity import heatmap_mse, local_ncc, mse
 
 __all__ = [
     "adaptive_tversky_loss",
+    "background_mask",
     "cross_entropy",
     "dice_ce_loss",
     "displacement_l2_gradient",
     "focal_loss",
     "generalized_dice_loss",
     "heatmap_mse",
+    "joint_loss",
+    "joint_loss_terms",
     "local_ncc",
     "mse",
     "phi_l1",
     "soft_cross_entropy",
     "soft_dice_loss",
+    "voxelmorph_loss",
+    "voxelmorph_loss_terms",
     "wgan_critic_loss",
     "wgan_generator_loss",
 ]

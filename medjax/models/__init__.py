@@ -1,16 +1,22 @@
-"""Published networks, one file each. Names resolve lazily to keep ``import medjax.models`` cheap."""
+"""Published networks, one file each. Names resolve lazily to keep ``import medjax.models`` cheap.
+
+``medjax.models.get(name)`` returns a registered network class by name (case-insensitive, see
+:mod:`medjax.models.registry`); ``medjax.models.names()`` lists them.
+"""
 
 from medjax._lazy import attach
 
 # public name -> module that defines it; add a line when you add a model file.
 _LAZY = {
     "VoxelMorph": "medjax.models.voxelmorph",
-    "voxelmorph_loss": "medjax.models.voxelmorph",
     "JointRegSeg": "medjax.models.joint_regseg",
     "SegmentationNet": "medjax.models.joint_regseg",
-    "joint_loss": "medjax.models.joint_regseg",
     "UniverSeg": "medjax.models.universeg",
     "UniverSeg3D": "medjax.models.universeg",
+    "SmallUNet": "medjax.models.small_unet",
+    "get": "medjax.models.registry",
+    "names": "medjax.models.registry",
+    "param_count": "medjax.models.registry",
 }
 
 __getattr__, __dir__ = attach(__name__, _LAZY)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax import losses, ops
+from medjax import ops
 from medjax.nn import conv
 from medjax.nn.blocks import ConvAct, ResidualDecoder, ResidualEncoder
 
@@ -143,50 +143,3 @@ class JointRegSeg(nn.Module):
             "seg_fixed": jax.nn.softmax(logits_r, axis=-1),
             "warped_seg": warped_seg,
         }
-
-
-def background_mask(outputs):
-    """Registration mask M (B, *S, 1): warped-moving AND fixed predictions are both background.
-
-    Follows the paper: the moving segmentation is warped (``warped_seg``) before the AND. (The
-    original code ANDed the *unwarped* moving prediction with the fixed one.) Gradients are stopped.
-    """
-    ws = jax.lax.stop_gradient(outputs["warped_seg"])
-    fs = jax.lax.stop_gradient(outputs["seg_fixed"])
-    m = (jnp.argmax(ws, axis=-1) == 0) & (jnp.argmax(fs, axis=-1) == 0)
-    return m[..., None].astype(jnp.float32)
-
-
-def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
-    """All terms of the joint loss as a dict of scalars: ``loss``, ``reg``, ``seg``, ``phi_l1``.
-
-    ``outputs``: the dict of :class:`JointRegSeg`. ``batch``: ``moving``/``fixed`` (B, *S, C) and, when
-    ``beta != 0``, integer tumour labels ``tumour_moving``/``tumour_fixed`` (B, *S).
-    L = L_reg + beta * L_seg + alpha * sum|Phi - 0.5|, with
-    L_seg = 0.5 CE(seg_moving, tumour_moving) + 0.5 CE(seg_fixed, tumour_fixed) and L_reg the MSE
-    between fixed and warped, or, when ``masked``, mean((R - D)^2 * M) over the TOTAL voxel count
-    (M from :func:`background_mask`).
-    """
-    for k in ("fixed",) + (("tumour_moving", "tumour_fixed") if beta else ()):
-        if k not in batch:
-            raise ValueError(f"batch: expected key {k!r}, got keys {sorted(batch)}")
-    fixed = batch["fixed"].astype(jnp.float32)
-    warped = outputs["warped"]
-    if masked:
-        l_reg = losses.mse(warped, fixed, mask=background_mask(outputs), normalize="total")
-    else:
-        l_reg = losses.mse(warped, fixed)
-    if beta:
-        l_seg = 0.5 * losses.cross_entropy(
-            outputs["seg_moving_logits"], batch["tumour_moving"]
-        ) + 0.5 * losses.cross_entropy(outputs["seg_fixed_logits"], batch["tumour_fixed"])
-    else:
-        l_seg = jnp.zeros((), jnp.float32)
-    l_phi = losses.phi_l1(outputs["phi"])
-    total = l_reg + beta * l_seg + alpha * l_phi
-    return {"loss": total, "reg": l_reg, "seg": l_seg, "phi_l1": l_phi}
-
-
-def joint_loss(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
-    """Scalar joint loss L = L_reg + beta * L_seg + alpha * sum|Phi - 0.5| (see :func:`joint_loss_terms`)."""
-    return joint_loss_terms(outputs, batch, masked=masked, alpha=alpha, beta=beta)["loss"]

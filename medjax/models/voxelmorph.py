@@ -14,13 +14,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax import losses, ops
+from medjax import ops
 from medjax.nn import conv
 from medjax.nn.blocks import ConvAct
 
 Dtype = Any
 FIELDS = ("displacement", "diffeomorphic")
-SIMILARITIES = ("mse", "ncc")
 
 
 def _lrelu(x):
@@ -102,29 +101,3 @@ class VoxelMorph(nn.Module):
             disp = field
         warped = ops.warp(moving.astype(jnp.float32), disp, order=1, padding="border")
         return {"displacement": disp, "warped": warped, "velocity": field}
-
-
-def voxelmorph_loss_terms(outputs, batch, *, similarity="mse", lam=0.01, ncc_window=9):
-    """VoxelMorph loss terms: ``{"loss", "sim", "smooth"}`` with loss = sim + lam * smooth.
-
-    ``sim`` is MSE(fixed, warped) or the negated local NCC (window ``ncc_window``); ``smooth`` is
-    ``medjax.losses.displacement_l2_gradient(displacement)``. ``batch["fixed"]``: (B, *S, C).
-    """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
-    if "fixed" not in batch:
-        raise ValueError(f"batch: expected key 'fixed', got keys {sorted(batch)}")
-    fixed = batch["fixed"].astype(jnp.float32)
-    if similarity == "mse":
-        sim = losses.mse(outputs["warped"], fixed)
-    else:
-        sim = losses.local_ncc(outputs["warped"], fixed, window=ncc_window)
-    smooth = losses.displacement_l2_gradient(outputs["displacement"])
-    return {"loss": sim + lam * smooth, "sim": sim, "smooth": smooth}
-
-
-def voxelmorph_loss(outputs, batch, *, similarity="mse", lam=0.01, ncc_window=9):
-    """Scalar VoxelMorph loss: similarity + lam * mean squared displacement gradient."""
-    return voxelmorph_loss_terms(
-        outputs, batch, similarity=similarity, lam=lam, ncc_window=ncc_window
-    )["loss"]

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from medjax.nn import conv as _conv
+from medjax.nn.layers import Conv, Dropout, apply_act
+from medjax.nn.norm import make_norm
 
 Dtype = Any
 
@@ -223,3 +225,192 @@ class ResidualDecoder(nn.Module):
                 x, skips[level]
             )
         return x
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks with injected norm and activation (the zoo, PnP-AdaNet and FocusNetV2 share these)
+
+
+class ConvNormAct(nn.Module):
+    """Convolution, norm and activation in either order: ``(B, *S, C) -> (B, *S', features)``.
+
+    ``order="post"``: conv -> dropout -> norm -> act (the usual conv-BN-ReLU; dropout sits where
+    PnP-AdaNet's ``conv_bn_2d`` puts it). ``order="pre"``: norm -> act -> conv -> dropout
+    (pre-activation, as FocusNetV2 and the DenseNets). ``norm`` is a name or a factory
+    (:func:`medjax.nn.norm.make_norm`); ``act`` is None, a function or a module class/partial
+    (e.g. :class:`medjax.nn.layers.PReLU`). Submodules are named ``conv``, ``norm``, ``act``,
+    ``dropout``. ``padding`` etc. as :class:`medjax.nn.layers.Conv`.
+    """
+
+    features: int
+    kernel_size: int | Sequence[int] = 3
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    dilation: int | Sequence[int] = 1
+    use_bias: bool = False
+    norm: Any = "batch"
+    act: Any = nn.relu
+    order: str = "post"
+    dropout: float = 0.0
+    channel_dropout: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.order not in ("post", "pre"):
+            raise ValueError(f"order: expected 'post' or 'pre', got {self.order!r}")
+        norm = make_norm(self.norm)
+
+        def conv(y):
+            y = Conv(
+                self.features,
+                self.kernel_size,
+                strides=self.strides,
+                padding=self.padding,
+                dilation=self.dilation,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                name="conv",
+            )(y)
+            return Dropout(self.dropout, channelwise=self.channel_dropout, name="dropout")(y, train)
+
+        if self.order == "pre":
+            x = norm(name="norm")(x, train=train)
+            x = apply_act(self.act, x, name="act")
+            return conv(x)
+        x = norm(name="norm")(conv(x), train=train)
+        return apply_act(self.act, x, name="act")
+
+
+def pad_channels(x, features):
+    """Zero-pad the channel axis of ``(B, *S, C)`` to ``features``, half on each side (low side first).
+
+    PnP-AdaNet's and HighResNet's parameter-free shortcut when a residual block widens.
+    """
+    c = x.shape[-1]
+    if features < c:
+        raise ValueError(f"features: expected >= the {c} input channels, got {features}")
+    lo = (features - c) // 2
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(lo, features - c - lo)])
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-excitation (Hu et al.): ``x * sigmoid(W2 relu(W1 mean_S(x)))``, shape unchanged.
+
+    ``W1``: ``C -> C // reduction`` (``fc1``), ``W2``: back to ``C`` (``fc2``), both with biases
+    (torch's two 1x1 convolutions; their weights import as Dense kernels).
+    """
+
+    reduction: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c // self.reduction < 1:
+            raise ValueError(f"reduction: expected <= the {c} channels, got {self.reduction}")
+        s = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+        s = nn.relu(nn.Dense(c // self.reduction, dtype=self.dtype, name="fc1")(s))
+        s = nn.sigmoid(nn.Dense(c, dtype=self.dtype, name="fc2")(s))
+        return x * s.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (c,)).astype(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """Two-convolution residual block, post- or pre-activation: ``(B, *S, C) -> (B, *S/strides, features)``.
+
+    ``preact=False`` (ResNet, PnP-AdaNet): ``act(norm(conv1(x)))``, ``norm(conv2(.))``, optional SE,
+    then ``act(shortcut(x) + .)``. ``preact=True`` (FocusNetV2's SE block): ``conv1(act(norm(x)))``,
+    ``conv2(act(norm(.)))``, optional SE, then ``shortcut + .`` with no activation after the add.
+
+    ``shortcut``: ``"auto"`` (identity when the shape is kept, else a 1^d projection: conv + norm
+    post-activation, norm + act + conv pre-activation), ``"projection"`` (always), ``"pad"``
+    (strided subsampling and zero-padded channels, no parameters) or ``"identity"``.
+    ``dilations`` gives conv1's and conv2's dilation (each an int or per axis); ``kernel_size`` and
+    ``strides`` (conv1's) likewise. ``dropout`` follows each convolution. Submodules: ``conv1``,
+    ``norm1``, ``act1``, ``conv2``, ``norm2``, ``se``, ``shortcut_conv``, ``shortcut_norm``, ``act``.
+    """
+
+    features: int
+    strides: int | Sequence[int] = 1
+    kernel_size: int | Sequence[int] = 3
+    dilations: tuple = (1, 1)
+    norm: Any = "batch"
+    act: Any = nn.relu
+    preact: bool = False
+    shortcut: str = "auto"
+    se_reduction: int | None = None
+    dropout: float = 0.0
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.shortcut not in ("auto", "projection", "pad", "identity"):
+            raise ValueError(
+                f"shortcut: expected 'auto', 'projection', 'pad' or 'identity', got {self.shortcut!r}"
+            )
+        n = x.ndim - 2
+        norm = make_norm(self.norm)
+        strides = (self.strides,) * n if isinstance(self.strides, int) else tuple(self.strides)
+        d1, d2 = self.dilations
+
+        def conv(name, y, strides, dilation):
+            k = (self.kernel_size,) * n if isinstance(self.kernel_size, int) else self.kernel_size
+            dd = (dilation,) * n if isinstance(dilation, int) else tuple(dilation)
+            pad = [(di * (ki - 1) // 2,) * 2 for ki, di in zip(k, dd, strict=True)]
+            y = Conv(
+                self.features,
+                k,
+                strides=strides,
+                padding=pad,
+                dilation=dd,
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                name=name,
+            )(y)
+            return Dropout(self.dropout, name=f"dropout_{name}")(y, train)
+
+        reshape = x.shape[-1] != self.features or any(s != 1 for s in strides)
+        kind = self.shortcut
+        if kind == "auto":
+            kind = "projection" if reshape else "identity"
+        if kind == "identity" and reshape:
+            raise ValueError(
+                f"shortcut: 'identity' needs the input shape kept, got {x.shape[-1]} -> "
+                f"{self.features} channels with strides {strides}"
+            )
+
+        if self.preact:
+            pre = apply_act(self.act, norm(name="norm1")(x, train=train), name="act1")
+            y = conv("conv1", pre, strides, d1)
+            y = apply_act(self.act, norm(name="norm2")(y, train=train), name="act2")
+            y = conv("conv2", y, 1, d2)
+        else:
+            y = conv("conv1", x, strides, d1)
+            y = apply_act(self.act, norm(name="norm1")(y, train=train), name="act1")
+            y = norm(name="norm2")(conv("conv2", y, 1, d2), train=train)
+        if self.se_reduction:
+            y = SqueezeExcitation(self.se_reduction, dtype=self.dtype, name="se")(y)
+
+        if kind == "projection":
+            proj = Conv(
+                self.features,
+                1,
+                strides=strides,
+                padding=0,
+                use_bias=False,
+                dtype=self.dtype,
+                name="shortcut_conv",
+            )
+            if self.preact:
+                s = norm(name="shortcut_norm")(x, train=train)
+                s = proj(apply_act(self.act, s, name="shortcut_act"))
+            else:
+                s = norm(name="shortcut_norm")(proj(x), train=train)
+        elif kind == "pad":
+            s = x[(slice(None),) + tuple(slice(None, None, st) for st in strides)]
+            s = pad_channels(s, self.features)
+        else:
+            s = x
+        out = y + s.astype(y.dtype)
+        return out if self.preact else apply_act(self.act, out, name="act")

@@ -7,13 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medjax.models.joint_regseg import (
-    JointRegSeg,
-    SegmentationNet,
-    background_mask,
-    joint_loss,
-    joint_loss_terms,
-)
+from medjax.losses import background_mask, joint_loss, joint_loss_terms
+from medjax.models.joint_regseg import JointRegSeg, SegmentationNet
 from medjax.nn.blocks import ResidualLevel, fast_init
 
 S = 16  # divisible by 2**4 for the five-level encoder

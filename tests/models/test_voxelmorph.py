@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from medjax.models.voxelmorph import VoxelMorph, voxelmorph_loss, voxelmorph_loss_terms
+from medjax.losses import voxelmorph_loss, voxelmorph_loss_terms
+from medjax.models.voxelmorph import VoxelMorph
 from medjax.nn.blocks import fast_init
 
 S = 16

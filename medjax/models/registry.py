@@ -1,0 +1,145 @@
+"""The model registry: a network class by name, so that a config says ``model.name = "vnet"``.
+
+``get(name)`` returns the class (case-insensitive; aliases such as the MedicalZoo registry keys
+``"VNET2"`` or ``"DENSENET1"`` resolve too); an unknown name raises ``ValueError`` listing the known
+ones. Each entry also records the keyword arguments of the network at its defaults and the example
+input shapes used to count its parameters (``param_count``) without running it.
+Modules are imported only when their model is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+
+__all__ = ["ModelEntry", "entry", "get", "names", "param_count", "register"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """One registered network: where it lives, its default arguments and example inputs."""
+
+    name: str
+    module: str
+    cls: str
+    #: keyword arguments of the network at its defaults (the original's factory call, for ports)
+    defaults: Mapping = dataclasses.field(default_factory=dict)
+    #: example input shapes (one per positional input), channels-last, for parameter counts
+    inputs: tuple = ()
+    aliases: tuple = ()
+    description: str = ""
+
+    def load(self):
+        """The model class (imports its module)."""
+        return getattr(importlib.import_module(self.module), self.cls)
+
+
+_ENTRIES: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    """Add ``entry`` to the registry (its name and aliases, case-insensitively); returns it."""
+    key = entry.name.lower()
+    keys = (key, *(a.lower() for a in entry.aliases))
+    for k in keys:
+        if k in _ALIASES and _ALIASES[k] != key:
+            raise ValueError(f"name: {k!r} is already registered for {_ALIASES[k]!r}")
+    _ALIASES.update(dict.fromkeys(keys, key))
+    _ENTRIES[key] = entry
+    return entry
+
+
+def names() -> list[str]:
+    """Registered model names (lower case, sorted)."""
+    return sorted(_ENTRIES)
+
+
+def entry(name: str) -> ModelEntry:
+    """The :class:`ModelEntry` of ``name`` (or an alias), case-insensitive."""
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a model name, got {name!r}")
+    key = _ALIASES.get(name.lower())
+    if key is None:
+        raise ValueError(f"name: unknown model {name!r}; known models: {', '.join(names())}")
+    return _ENTRIES[key]
+
+
+def get(name: str):
+    """The model class registered as ``name`` (case-insensitive; aliases accepted)."""
+    return entry(name).load()
+
+
+def param_count(name: str, **overrides) -> int:
+    """Number of trainable parameters of ``name`` at its defaults (plus ``overrides``).
+
+    Counted on ``jax.eval_shape`` of ``init`` with the entry's example inputs: nothing is computed.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    e = entry(name)
+    model = e.load()(**{**e.defaults, **overrides})
+    inputs = [jax.ShapeDtypeStruct(tuple(s), jnp.float32) for s in e.inputs]
+    shapes = jax.eval_shape(lambda k, *a: model.init(k, *a), jax.random.key(0), *inputs)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes.get("params", {}))))
+
+
+def _reg(name, module, cls, defaults, inputs, *, aliases=(), description=""):
+    register(
+        ModelEntry(
+            name,
+            f"medjax.models.{module}",
+            cls,
+            dict(defaults),
+            tuple(inputs),
+            tuple(aliases),
+            description,
+        )
+    )
+
+
+# -- registration and segmentation networks of the first systems
+_reg(
+    "JointRegSeg",
+    "joint_regseg",
+    "JointRegSeg",
+    {"f": 8, "n_modalities": 4, "n_classes": 4},
+    [(1, 32, 32, 32, 4)] * 2,
+    aliases=("estienne2020",),
+    description="Estienne 2020 joint registration + tumour segmentation",
+)
+_reg(
+    "SegmentationNet",
+    "joint_regseg",
+    "SegmentationNet",
+    {"f": 8, "n_modalities": 4, "n_classes": 4},
+    [(1, 32, 32, 32, 4)],
+    description="Estienne 2020's segmentation-only V-Net",
+)
+_reg(
+    "VoxelMorph",
+    "voxelmorph",
+    "VoxelMorph",
+    {"n_modalities": 1},
+    [(1, 32, 32, 32, 1)] * 2,
+    description="VoxelMorph-style U-Net registration",
+)
+_reg(
+    "UniverSeg",
+    "universeg",
+    "UniverSeg",
+    {},
+    [(1, 64, 64, 1), (1, 2, 64, 64, 1), (1, 2, 64, 64, 1)],
+    description="UniverSeg v1 in-context segmentation (2D)",
+)
+_reg(
+    "SmallUNet",
+    "small_unet",
+    "SmallUNet",
+    {},
+    [(1, 64, 64, 1)],
+    description="a small U-Net baseline (2D or 3D)",
+)
