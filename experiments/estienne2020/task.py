@@ -440,8 +440,8 @@ class Experiment(medjax.train.Experiment):
         zero = 0.0 * params["unused"]
         return {"loss": zero}
 
-    def _loss_fn(self, params, model_state, batch, rng):
-        del rng
+    def _loss_fn(self, params, model_state, batch, rng, rest):
+        del rng, rest
         terms = self._loss_terms(params, batch)
         return terms["loss"], ({k: v for k, v in terms.items() if k != "loss"}, model_state)
 

@@ -84,7 +84,8 @@ class Experiment(medjax.train.Experiment):
             images, labels = im.reshape(images.shape), lb.reshape(labels.shape)
         return images, labels
 
-    def _loss(self, params, model_state, batch, rng):
+    def _loss(self, params, model_state, batch, rng, rest):
+        del rest
         images, labels = self.augment(rng, batch)
         logits = self.model.apply({"params": params}, images[:, 0], images[:, 1:], labels[:, 1:])
         loss = soft_dice_loss(logits, labels[:, 0], activation="sigmoid", reduction="sample")

@@ -19,6 +19,7 @@ it to the global batch on device, with its own ``jax.random`` key.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BatchIterator", "FunctionSource", "RecordSource", "make_iterator", "stack_records"]
+__all__ = [
+    "BatchIterator",
+    "FunctionSource",
+    "RecordSource",
+    "make_iterator",
+    "make_mixed_iterator",
+    "stack_records",
+]
 
 _STATE_VERSION = 1
 
@@ -328,3 +336,120 @@ def make_iterator(
         "shard_by_process": bool(shard_by_process),
     }
     return BatchIterator(dataset, read_options, fingerprint, steps, total)
+
+
+def make_mixed_iterator(
+    sources: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    weights: Sequence[float] | None = None,
+    class_masks: Sequence[Sequence[bool]] | None = None,
+    transform: Callable[[Mapping[str, Any], np.random.Generator], Mapping[str, Any]] | None = None,
+    shard_by_process: bool = True,
+    prefetch_threads: int = 2,
+    prefetch_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
+    """A resumable iterator of host-local batches drawn from several sources with given weights.
+
+    Each source is shuffled (reshuffled every pass over it) and repeated forever, and the sources
+    are interleaved in proportion to ``weights`` (grain's ``MapDataset.shuffle``, ``repeat`` and
+    ``mix``); global batch ``k`` is elements ``[k*B, (k+1)*B)`` of that stream and process ``p``
+    takes its slice of every global batch, as :func:`make_iterator` does, so the global batches are
+    the same for any process count and the position (``get_state``) is one integer.
+
+    Every record gains ``"source"`` (int: which source it came from) and, with ``class_masks``
+    (one boolean vector per source: which classes that source's labels annotate), ``"class_mask"``
+    ``(num_classes,)`` — the per-sample mask of partially labelled datasets. ``transform(record,
+    rng)`` gets ``rng = default_rng([seed, 2, j])`` for stream element ``j`` (independent of batch
+    size, process count and restarts).
+    """
+    import grain
+
+    sources = list(sources)
+    if not sources:
+        raise ValueError("sources: expected at least one source, got none")
+    lengths = []
+    for k, s in enumerate(sources):
+        try:
+            n = len(s)
+        except TypeError as e:
+            raise ValueError(f"sources[{k}]: expected a sized random-access sequence") from e
+        if n < 1:
+            raise ValueError(f"sources[{k}]: expected at least one record, got length {n}")
+        lengths.append(int(n))
+    if weights is None:
+        weights = [1.0] * len(sources)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(sources) or any(not w > 0 for w in weights):
+        raise ValueError(
+            f"weights: expected {len(sources)} positive values (one per source), got {weights}"
+        )
+    masks = None
+    if class_masks is not None:
+        masks = [np.asarray(m, bool) for m in class_masks]
+        if len(masks) != len(sources) or len({m.shape for m in masks}) != 1 or masks[0].ndim != 1:
+            raise ValueError(
+                f"class_masks: expected {len(sources)} boolean vectors of one length (one per "
+                f"source), got shapes {[m.shape for m in masks]}"
+            )
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    batch_size, seed = int(batch_size), int(seed)
+    if shard_by_process:
+        if batch_size % process_count:
+            raise ValueError(
+                f"batch_size: expected a multiple of process_count={process_count}, got {batch_size}"
+            )
+        local = batch_size // process_count
+        lo = process_index * local
+    else:
+        local, lo = batch_size, 0
+
+    streams = [
+        grain.MapDataset.range(n)
+        .shuffle(seed=int(np.random.default_rng([seed, 3, k]).integers(2**31)))
+        .repeat(None)
+        .map(functools.partial(_tag, k))
+        for k, n in enumerate(lengths)
+    ]
+    stream = grain.MapDataset.mix(streams, weights)
+
+    def build(batch_index: int) -> dict[str, Any]:
+        records = []
+        for j in range(batch_index * batch_size + lo, batch_index * batch_size + lo + local):
+            k, i = stream[j]
+            rec = dict(sources[k][i])
+            if transform is not None:
+                rec = dict(transform(rec, np.random.default_rng([seed, 2, j])))
+            rec["source"] = np.int32(k)
+            if masks is not None:
+                rec["class_mask"] = masks[k]
+            records.append(rec)
+        return stack_records(records)
+
+    dataset = grain.MapDataset.range(sys.maxsize).map(build)
+    threads = int(prefetch_threads)
+    buffer = 0 if threads == 0 else int(prefetch_batches or 2 * threads)
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+    fingerprint = {
+        "seed": seed,
+        "num_records": lengths,
+        "weights": weights,
+        "global_batch_size": batch_size,
+        "shard_by_process": bool(shard_by_process),
+    }
+    return BatchIterator(dataset, read_options, fingerprint, 1, None)
+
+
+def _tag(k, i):
+    return (k, int(i))

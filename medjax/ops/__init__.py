@@ -3,9 +3,10 @@
 ``warp`` (spatial transformer), ``identity_grid`` / ``displacement_to_grid`` / ``grid_to_displacement``,
 ``integrate_gradients`` / ``integrate_velocity`` (deformation integration), ``resize`` (torch
 ``interpolate`` semantics, align_corners), ``pixel_shuffle``, ``one_hot``, ``gaussian_heatmap``,
-``spatial_gradient`` / ``forward_differences``.
+``spatial_gradient`` / ``forward_differences``, ``crop_at`` / ``paste_at`` (boxes around traced centres).
 """
 
+from medjax.ops.crop import crop_at, paste_at
 from medjax.ops.integrate import integrate_gradients, integrate_velocity
 from medjax.ops.misc import forward_differences, gaussian_heatmap, one_hot, spatial_gradient
 from medjax.ops.resize import pixel_shuffle, resize
@@ -24,4 +25,6 @@ __all__ = [
     "gaussian_heatmap",
     "spatial_gradient",
     "forward_differences",
+    "crop_at",
+    "paste_at",
 ]

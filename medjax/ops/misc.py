@@ -41,7 +41,9 @@ def gaussian_heatmap(spatial_shape, centres, sigma):
     """Gaussian heatmaps ``exp(-|x - c|^2 / (2 sigma^2))``: (N, *spatial_shape) float32.
 
     centres: (N, ndim) voxel coordinates (each heatmap is exactly 1 at an integer centre).
-    sigma: a scalar, per-axis (ndim,), per-heatmap (N,) or (N, ndim), in voxels.
+    sigma: a scalar, per-axis ``(ndim,)``, per-heatmap ``(N,)`` or ``(N, 1)``, or ``(N, ndim)``, in
+    voxels. A 1-D sigma of length ndim is always per axis; when N == ndim, give a per-heatmap sigma
+    as ``(N, 1)``.
     """
     spatial_shape = tuple(int(s) for s in spatial_shape)
     ndim = len(spatial_shape)
@@ -54,13 +56,15 @@ def gaussian_heatmap(spatial_shape, centres, sigma):
     sigma = jnp.asarray(sigma, dtype=jnp.float32)
     if sigma.ndim == 0:
         sigma = jnp.broadcast_to(sigma, (n, ndim))
-    elif sigma.shape == (n,):
-        sigma = jnp.broadcast_to(sigma[:, None], (n, ndim))
-    elif sigma.shape in ((ndim,), (n, ndim)):
-        sigma = jnp.broadcast_to(sigma, (n, ndim))
+    elif sigma.shape == (ndim,):  # per axis, also when there are as many heatmaps as axes
+        sigma = jnp.broadcast_to(sigma[None, :], (n, ndim))
+    elif sigma.shape in ((n,), (n, 1)):
+        sigma = jnp.broadcast_to(sigma.reshape(n, 1), (n, ndim))
+    elif sigma.shape == (n, ndim):
+        pass
     else:
         raise ValueError(
-            f"sigma: expected a scalar or shape ({ndim},), ({n},) or ({n}, {ndim}), "
+            f"sigma: expected a scalar or shape ({ndim},), ({n},), ({n}, 1) or ({n}, {ndim}), "
             f"got shape {sigma.shape}"
         )
     if not isinstance(sigma, jax.core.Tracer) and np.any(np.asarray(sigma) <= 0):

@@ -50,6 +50,7 @@ _LAZY = {
     "restore_state": "medjax.train.checkpoint",
     # experiment.py
     "Experiment": "medjax.train.experiment",
+    "Stage": "medjax.train.experiment",
     "ExperimentNotFoundError": "medjax.train.experiment",
     "find_experiments_dir": "medjax.train.experiment",
     "list_experiments": "medjax.train.experiment",
@@ -61,7 +62,12 @@ _LAZY = {
     "config_from_json": "medjax.train.config",
     # loop.py
     "fit": "medjax.train.loop",
+    "init_sharded": "medjax.train.loop",
     "NonFiniteLossError": "medjax.train.loop",
+    # warm_start.py
+    "warm_start": "medjax.train.warm_start",
+    "copy_subtrees": "medjax.train.warm_start",
+    "load_workdir_state": "medjax.train.warm_start",
     # logging.py
     "read_metrics": "medjax.train.logging",
 }

@@ -253,8 +253,8 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     free = tuple(r.rstrip(".") for r in RESUMABLE_CHANGES) + ("experiment",)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if any(key == r or key.startswith(r + ".") for r in free):
-            continue
+        if any(key == r or key.startswith(r + ".") for r in free) or key.endswith(".num_steps"):
+            continue  # a stage's length (stages.<name>.num_steps) may change like num_steps
         old, new = a.get(key, "<absent>"), b.get(key, "<absent>")
         if old != new:
             changes.append(f"{key}: {old!r} -> {new!r}")

@@ -14,10 +14,12 @@ import importlib.util
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 __all__ = [
     "Experiment",
+    "Stage",
     "ExperimentNotFoundError",
     "ExperimentSpec",
     "find_experiments_dir",
@@ -31,6 +33,27 @@ ENV_VAR = "MEDJAX_EXPERIMENTS_DIR"
 
 class ExperimentNotFoundError(ValueError):
     """A named experiment does not exist (the message lists the available ones)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a staged training run (``Experiment.stages()``).
+
+    ``step(state, batch) -> (state, metrics)`` is jitted once for the stage (like ``train_step``);
+    ``num_steps`` steps run in the stage. ``iterator`` (``() -> iterator``, the data protocol) feeds
+    it; None shares the experiment's ``train_iterator()`` across the stages that leave it None.
+    ``enter(state) -> state`` runs once when the stage starts (e.g. copy the trained segmenter's
+    early groups into the adaptation module); it must keep the state's structure, since every
+    network's state, optimiser included, is created by ``init_state``. ``validate=False`` skips
+    ``validate()`` during the stage.
+    """
+
+    name: str
+    num_steps: int
+    step: Callable
+    iterator: Callable | None = None
+    enter: Callable | None = None
+    validate: bool = True
 
 
 class Experiment:
@@ -55,6 +78,14 @@ class Experiment:
     def train_step(self, state, batch):
         """Pure step ``(state, batch) -> (state, metrics)``; ``metrics`` holds a scalar ``"loss"``."""
         raise NotImplementedError(f"{type(self).__name__}.train_step is not implemented")
+
+    def stages(self):
+        """Optional: the :class:`Stage` s of a staged run, in order (None: one stage of ``train_step``).
+
+        The engine runs them one after another in one ``fit``; ``config.num_steps`` must equal the
+        sum of their ``num_steps``. A run killed in any stage resumes in that stage.
+        """
+        return None
 
     def train_iterator(self):
         """Iterator of host-local batch dicts with ``get_state()``/``set_state(dict)``."""

@@ -182,9 +182,13 @@ class Progress:
 
 
 class TensorBoardWriter:
-    """Scalars to TensorBoard event files when tensorboardX or torch's writer is importable, else nothing."""
+    """Scalars to TensorBoard event files when tensorboardX or torch's writer is importable, else nothing.
 
-    def __init__(self, logdir, *, enabled=True):
+    ``purge_step`` (a resumed run's first new step) hides the events an earlier run wrote at that
+    step and after, so a resume never shows two curves over the same steps.
+    """
+
+    def __init__(self, logdir, *, enabled=True, purge_step=None):
         self._writer = None
         if not enabled:
             return
@@ -199,7 +203,10 @@ class TensorBoardWriter:
                 except ImportError:
                     writer_cls = None
         if writer_cls is not None:
-            self._writer = writer_cls(str(logdir))
+            if purge_step is None:
+                self._writer = writer_cls(str(logdir))
+            else:
+                self._writer = writer_cls(str(logdir), purge_step=int(purge_step))
 
     @property
     def active(self) -> bool:

@@ -1,8 +1,14 @@
-"""The training loop: ``fit(experiment, config, workdir)`` with exact resume, logging and safe stops.
+"""The training loop: ``fit(experiment, config, workdir)`` with stages, exact resume, logging and safe stops.
 
 Rerunning ``fit`` with the same workdir resumes from the latest checkpoint (state, iterator state,
-plateau/early-stopping counters), so an interrupted run ends bit-identical to an uninterrupted one.
-Step numbers count completed steps: the loss logged at step ``n`` comes from the ``n``-th update.
+stage, plateau/early-stopping counters), so an interrupted run ends bit-identical to an
+uninterrupted one. Step numbers count completed steps over all stages: the loss logged at step
+``n`` comes from the ``n``-th update. Logged train metrics are means over the steps since the
+previous log line (the logging window), accumulated on device.
+
+A staged experiment (``Experiment.stages()``) runs its stages one after another: stage ``k`` covers
+global steps ``(b_k, b_{k+1}]``, its ``enter`` hook runs once when it starts, its step is compiled
+when it starts, and a checkpoint is written at the end of every stage.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from medjax.train import checkpoint as _ckpt
 from medjax.train import mesh as _mesh
 from medjax.train import steps as _steps
 from medjax.train.config import ConfigError, config_changes, config_to_json, validate_config
+from medjax.train.experiment import Stage
 from medjax.train.logging import (
     MetricsWriter,
     Progress,
@@ -29,7 +36,7 @@ from medjax.train.logging import (
     write_text_atomic,
 )
 
-__all__ = ["NonFiniteLossError", "apply_lr_scale", "fit"]
+__all__ = ["NonFiniteLossError", "apply_lr_scale", "fit", "init_sharded"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,6 +47,13 @@ def _track_nonfinite(first_bad, loss, step):
     # First step whose loss is not finite (-1 while all are), without a host round trip.
     bad = jnp.logical_not(jnp.all(jnp.isfinite(loss)))
     return jnp.where((first_bad < 0) & bad, step, first_bad)
+
+
+def _accumulate(total, metrics):
+    # Running sums of the window's metrics (float32), on device; total None starts a window.
+    if total is None:
+        return jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+    return jax.tree.map(lambda t, m: t + jnp.asarray(m, jnp.float32), total, metrics)
 
 
 def _state_finite(state):
@@ -62,6 +76,38 @@ def apply_lr_scale(state, scale):
     return state
 
 
+def _unalias(tree):
+    """``tree`` with every repeated array object replaced by a copy (donation needs distinct buffers).
+
+    A state can hold one array twice: a key given to two networks, or parameters copied by a
+    warm start; a donating step would then donate one buffer twice.
+    """
+    seen = set()
+
+    def fresh(x):
+        if isinstance(x, jax.Array):
+            if id(x) in seen:
+                return jnp.copy(x)
+            seen.add(id(x))
+        return x
+
+    return jax.tree.map(fresh, tree)
+
+
+def init_sharded(init_fn, rng, mesh):
+    """``init_fn(rng)`` computed directly with replicated shardings on ``mesh``.
+
+    ``jax.jit(init_fn, out_shardings=...)``: parameters are created on the devices, never on the
+    host first. An ``init_fn`` that cannot be traced (host-side NumPy on its inputs) falls back to
+    running eagerly and replicating the result.
+    """
+    rep = _mesh.replicated(mesh)
+    try:
+        return _unalias(jax.jit(init_fn, out_shardings=rep)(rng))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return _unalias(_mesh.replicate(init_fn(rng), mesh))
+
+
 def _jsonable(tree):
     if isinstance(tree, dict):
         return {str(k): _jsonable(v) for k, v in tree.items()}
@@ -74,13 +120,13 @@ def _jsonable(tree):
     return tree
 
 
-def _host(metrics):
+def _host_means(total, count):
     out = {}
-    for k, v in jax.device_get(metrics).items():
+    for k, v in jax.device_get(total).items():
         v = np.asarray(v)
         if v.size != 1:
             raise ValueError(f"train_step metrics[{k!r}]: expected a scalar, got shape {v.shape}")
-        out[k] = float(v.reshape(()))
+        out[k] = float(v.reshape(())) / count
     return out
 
 
@@ -114,6 +160,42 @@ def _controllers(config, experiment, has_validate):
     return plateau, stopper
 
 
+def _stages(experiment, config):
+    """The experiment's stages (one ``train`` stage of ``train_step`` when it declares none)."""
+    stages = experiment.stages() if hasattr(experiment, "stages") else None
+    if stages is None:
+        return [Stage("train", int(config.num_steps), experiment.train_step)]
+    stages = list(stages)
+    if not stages or not all(isinstance(s, Stage) for s in stages):
+        raise ValueError(
+            f"{type(experiment).__name__}.stages(): expected a non-empty list of medjax.train.Stage"
+        )
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{type(experiment).__name__}.stages(): stage names repeat: {names}")
+    total = sum(int(s.num_steps) for s in stages)
+    if int(config.num_steps) != total:
+        detail = " + ".join(f"{s.name} {int(s.num_steps)}" for s in stages)
+        raise ConfigError(
+            f"config.num_steps: expected the sum of the stages' steps ({detail} = {total}), got "
+            f"{int(config.num_steps)}; change a stage's num_steps instead"
+        )
+    return stages
+
+
+def _check_iterator(iterator, where):
+    if not (
+        callable(getattr(iterator, "get_state", None))
+        and callable(getattr(iterator, "set_state", None))
+    ):
+        raise ValueError(
+            f"{where}: expected an iterator with get_state()/set_state() (e.g. "
+            "medjax.data.pipeline.make_iterator), so that a resumed run continues where it stopped; "
+            f"got {type(iterator).__name__} without them"
+        )
+    return iterator
+
+
 def _close(iterator):
     close = getattr(iterator, "close", None)
     if callable(close):
@@ -144,243 +226,373 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+class _Run:
+    """The state of one ``fit`` call: checkpoints, iterators, writers and the train state."""
+
+    def __init__(self, experiment, config, workdir, mesh, interactive, stream):
+        self.experiment, self.config = experiment, validate_config(config)
+        self.workdir = pathlib.Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.mesh = _mesh.make_mesh() if mesh is None else mesh
+        self.stages = _stages(experiment, self.config)
+        self.bounds = np.cumsum([0] + [int(s.num_steps) for s in self.stages]).tolist()
+        self.num_steps = self.bounds[-1]
+        cfg = self.config
+        self.log_every, self.eval_every = int(cfg.log_every), int(cfg.eval_every)
+        self.ckpt_every = int(cfg.checkpoint_every)
+        self.has_validate = (
+            experiment.implements("validate") if hasattr(experiment, "implements") else False
+        )
+        self.eval_metric = (
+            getattr(experiment, "eval_metric", None)
+            if self.has_validate and self.eval_every
+            else None
+        )
+        self.config_dict = _jsonable(cfg.to_dict())
+        self.rng = jax.random.PRNGKey(int(cfg.seed))
+        self.manager = _ckpt.CheckpointManager(
+            self.workdir / "checkpoints",
+            max_to_keep=int(cfg.get("keep_checkpoints", 3)),
+            best_metric=self.eval_metric,
+            best_mode=getattr(experiment, "eval_mode", "min"),
+            keep_best=int(cfg.get("keep_best", 1)),
+            async_save=bool(cfg.get("async_checkpoint", True)),
+        )
+        self.plateau, self.stopper = _controllers(cfg, experiment, self.has_validate)
+        self.iterators = {}  # source name -> live iterator
+        self.source = None  # the source name of the current stage
+        self.entered = -1  # index of the last stage whose enter hook the state has seen
+        self.last_val = {}
+        self.last_saved = None
+        self.step = 0
+        self.state = None
+        self.interactive, self.stream = interactive, stream
+        self._resume_data = None
+        self.window, self.count = None, 0  # the logging window's metric sums and step count
+        self._closed = False
+
+    def close(self):
+        """Finish pending saves, release the checkpoint manager and the iterators (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.manager.close()
+        for it in self.iterators.values():
+            _close(it)
+
+    # ------------------------------------------------------------------ set-up and resume
+
+    def _iterator(self, stage):
+        source = "default" if stage.iterator is None else stage.name
+        if source not in self.iterators:
+            make = self.experiment.train_iterator if stage.iterator is None else stage.iterator
+            where = (
+                "train_iterator()" if stage.iterator is None else f"stage {stage.name!r} iterator"
+            )
+            it = _check_iterator(make(), where)
+            data = self._resume_data
+            if data is not None and data.get("source", "default") == source:
+                it.set_state(data["state"])
+            self.iterators[source] = it
+        self.source = source
+        return self.iterators[source]
+
+    def restore_or_init(self):
+        start = self.manager.latest_step()
+        if start is not None and self.config.get("resume_check", True):
+            # Before restoring (and before config.json is rewritten): a changed model would not
+            # even fit the saved arrays, and a changed optimiser would mix two runs silently.
+            changes = config_changes(self.manager.restore_config(start), self.config_dict)
+            if changes:
+                raise ConfigError(
+                    f"--workdir {self.workdir} holds a checkpoint (step {start}) trained with other "
+                    f"settings: {'; '.join(changes)}. Use a new work directory, rerun with the "
+                    "same settings, or pass --config.resume_check=False to resume anyway"
+                )
+        if self.is_main:
+            write_text_atomic(self.workdir / "config.json", config_to_json(self.config) + "\n")
+        if start is None:
+            self.state = init_sharded(self.experiment.init_state, self.rng, self.mesh)
+            return 0
+        abstract = _ckpt.abstract_state(
+            self.experiment.init_state, _mesh.replicated(self.mesh), self.rng
+        )
+        restored = self.manager.restore(abstract)
+        self.state = restored.state
+        data = restored.data or {}
+        # Checkpoints of medjax before stages held the iterator state itself.
+        self._resume_data = data if "source" in data else {"source": "default", "state": data}
+        if not self._resume_data["state"]:
+            self._resume_data = None
+        loop = restored.loop
+        if self.plateau is not None and loop.get("plateau"):
+            self.plateau.load_state_dict(loop["plateau"])
+        if self.stopper is not None and loop.get("early_stopping"):
+            self.stopper.load_state_dict(loop["early_stopping"])
+        self.last_val = dict(loop.get("last_val") or {})
+        window = loop.get("window") or {}
+        if window.get("count"):
+            sums = {k: jnp.asarray(float(v), jnp.float32) for k, v in window["sums"].items()}
+            self.window = jax.device_put(sums, _mesh.replicated(self.mesh))
+            self.count = int(window["count"])
+        # Before stages, a checkpoint's state had entered its (only) stage.
+        self.entered = int(loop.get("stage_entered", self._stage_of(start)))
+        self.last_saved = start
+        return start
+
+    def _stage_of(self, step):
+        """Index of the stage that the step after ``step`` belongs to (the last one at the end)."""
+        for k in range(len(self.stages)):
+            if step < self.bounds[k + 1]:
+                return k
+        return len(self.stages) - 1
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def fail(self, what):
+        self.manager.wait_until_finished()
+        good = self.manager.latest_step()
+        where = f"last good checkpoint: step {good}" if good is not None else "no checkpoint saved"
+        raise NonFiniteLossError(f"{what} ({where} in {self.manager.directory})")
+
+    def check_finite(self, at_step):
+        bad = int(jax.device_get(self.first_bad))
+        if bad >= 0:
+            self.fail(f"non-finite loss at step {bad}")
+        if not bool(jax.device_get(self.all_finite(self.state))):
+            self.fail(f"non-finite values in the train state at step {at_step}")
+
+    def save(self, at_step, val=None):
+        self.check_finite(at_step)
+        loop_state = {
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "early_stopping": self.stopper.state_dict() if self.stopper is not None else None,
+            "last_val": self.last_val,
+            "stage_entered": self.entered,
+            # The logging window so far, so that a resumed run logs the same means.
+            "window": {
+                "count": self.count,
+                "sums": {k: float(v) for k, v in jax.device_get(self.window or {}).items()},
+            },
+        }
+        it = self.iterators.get(self.source)
+        data = {"source": self.source, "state": it.get_state()} if it is not None else {}
+        self.manager.save(
+            at_step,
+            self.state,
+            data=_jsonable(data),
+            config=self.config_dict,
+            loop=_jsonable(loop_state),
+            metrics=val,
+        )
+        self.last_saved = at_step
+
+    # ------------------------------------------------------------------ the loop
+
+    def _enter(self, k):
+        stage = self.stages[k]
+        if stage.enter is not None:
+            before = jax.tree.structure(self.state)
+            new = stage.enter(self.state)
+            if jax.tree.structure(new) != before:
+                raise ValueError(
+                    f"stage {stage.name!r} enter(): expected a state of the same structure as "
+                    "init_state() gives (create every network and optimiser there), got another"
+                )
+            self.state = _unalias(jax.device_put(new, _mesh.replicated(self.mesh)))
+        self.entered = k
+
+    def _validate(self, step, record):
+        self.check_finite(step)
+        val = {k: float(v) for k, v in self.experiment.validate(self.state).items()}
+        self.last_val = dict(val)
+        # One metrics.jsonl object per step: validation entries named val_*.
+        record.update({k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()})
+        self.tensorboard.write(step, val, split="val")
+        self.progress.line(f"step {step} validation: {format_metrics(val)}")
+        if self.eval_metric is not None and self.eval_metric not in val:
+            raise ValueError(
+                f"validate(): expected the eval_metric {self.eval_metric!r} entry, got {sorted(val)}"
+            )
+        if self.eval_metric is not None and not math.isfinite(val[self.eval_metric]):
+            self.fail(f"non-finite validation {self.eval_metric} at step {step}")
+        if self.plateau is not None:
+            old = self.plateau.scale
+            scale = self.plateau.step(val[self.eval_metric])
+            if scale != old:
+                self.state = apply_lr_scale(self.state, scale)
+                self.progress.line(f"step {step}: learning-rate scale {old:g} -> {scale:g}")
+        if self.stopper is not None and self.stopper.step(val[self.eval_metric]):
+            self.stopped_early = True
+            self.progress.line(f"step {step}: early stopping ({self.eval_metric} not improving)")
+        return val
+
+    def run_stage(self, k, sigint):
+        """Steps of stage ``k`` from ``self.step`` to its end; False when the run must stop."""
+        stage, end = self.stages[k], self.bounds[k + 1]
+        if self.entered < k:
+            self._enter(k)
+        if len(self.stages) > 1:
+            self.progress.line(
+                f"stage {k + 1}/{len(self.stages)} {stage.name!r}: steps "
+                f"{self.bounds[k] + 1}-{end} ({self.step - self.bounds[k]} done)"
+            )
+        iterator = self._iterator(stage)
+        step_fn = _steps.compile_step(stage.step, self.mesh, donate=True)
+        t_stage = time.perf_counter()
+        first = self.step
+        while self.step < end and not self.stopped_early:
+            if sigint.requested:
+                self.interrupted = True
+                return False
+            try:
+                host_batch = next(iterator)
+            except StopIteration:
+                self.exhausted = True
+                self.progress.line(
+                    f"train iterator ended after step {self.step} of {self.num_steps}"
+                )
+                return False
+            batch = _mesh.shard_batch(host_batch, self.mesh)
+            with jax.named_scope(f"train_step/{stage.name}"):
+                self.state, metrics = step_fn(self.state, batch)
+            self.step += 1
+            step = self.step
+            if "loss" not in metrics:
+                raise ValueError(
+                    f"stage {stage.name!r} step metrics: expected a 'loss' entry, got {sorted(metrics)}"
+                )
+            if step == first + 1 and not self.progress.interactive:
+                jax.block_until_ready(metrics)
+                self.progress.line(
+                    f"first step done in {time.perf_counter() - t_stage:.1f} s (compilation included)"
+                )
+            self.first_bad = self.track(self.first_bad, metrics["loss"], np.int32(step))
+            self.window = self.accumulate(self.window, metrics)
+            self.count += 1
+            validate_now = bool(
+                self.has_validate
+                and stage.validate
+                and self.eval_every
+                and step % self.eval_every == 0
+            )
+            val = None
+            if step % self.log_every == 0 or step == end or validate_now:
+                bad = int(jax.device_get(self.first_bad))
+                if bad >= 0:
+                    self.fail(f"non-finite loss at step {bad}")
+                self.last_metrics = _host_means(self.window, self.count)
+                self.window, self.count = None, 0
+                record = dict(self.last_metrics)
+                if len(self.stages) > 1:
+                    record["stage"] = stage.name
+                self.tensorboard.write(step, self.last_metrics)
+                # The console shows the losses; the norms go to metrics.jsonl and TensorBoard.
+                shown = {k: v for k, v in self.last_metrics.items() if not k.endswith("_norm")}
+                self.progress.update(step, shown)
+                if validate_now:
+                    val = self._validate(step, record)
+                self.writer.write(step, record)
+            else:
+                self.progress.update(step)
+            if (
+                (self.ckpt_every and step % self.ckpt_every == 0)
+                or self.stopped_early
+                or step == end
+            ):
+                self.save(step, val)
+        return not self.stopped_early
+
+    def run(self):
+        start = self.restore_or_init()
+        self.step = start
+        self.first_bad = jnp.asarray(-1, jnp.int32)
+        self.track = jax.jit(_track_nonfinite)
+        self.accumulate = jax.jit(_accumulate)
+        self.all_finite = jax.jit(_state_finite)
+        self.last_metrics = {}
+        self.interrupted = self.stopped_early = self.exhausted = False
+        self.writer = MetricsWriter(self.workdir / "metrics.jsonl", enabled=self.is_main)
+        self.writer.truncate_after(start)
+        self.tensorboard = TensorBoardWriter(
+            self.workdir / "tensorboard",
+            enabled=self.is_main and bool(self.config.get("tensorboard", True)),
+            purge_step=start + 1 if start else None,
+        )
+        self.progress = Progress(
+            self.num_steps,
+            initial=start,
+            interactive=self.interactive,
+            stream=self.stream,
+            enabled=self.is_main,
+        )
+        if start:
+            self.progress.line(f"resuming {self.workdir} from step {start}")
+        elif self.num_steps:
+            self.progress.line(
+                f"training {self.num_steps} steps on {self.mesh.size} device(s), batch "
+                f"{self.config.get('batch_size', '?')} -> {self.workdir} (the first step compiles)"
+            )
+        t_start = time.perf_counter()
+        if self.stopper is not None and self.stopper.should_stop:
+            self.stopped_early = True
+            self.progress.line(f"early stopping was reached at step {start}; nothing to do")
+        try:
+            with _SigintFlag(self.progress) as sigint:
+                for k in range(self._stage_of(self.step), len(self.stages)):
+                    if self.stopped_early or not self.run_stage(k, sigint):
+                        break
+                if self.last_saved != self.step and self.step > 0:
+                    self.save(self.step)  # e.g. after Ctrl-C or an exhausted iterator
+        except KeyboardInterrupt:
+            # A second Ctrl-C (or one outside the main thread): save when the state is intact.
+            self.interrupted = True
+            intact = not any(x.is_deleted() for x in jax.tree.leaves(self.state))
+            if self.last_saved != self.step and self.step > 0 and intact:
+                self.save(self.step)
+            raise
+        finally:
+            self.progress.close()
+            self.tensorboard.close()
+            best_step = self.manager.best_step()
+            self.close()
+        wall = time.perf_counter() - t_start
+        if self.interrupted:
+            self.progress.line(
+                f"stopped at step {self.step}; checkpoint saved; rerun the same command to resume"
+            )
+        return self.state, {
+            "step": self.step,
+            "start_step": start,
+            "num_steps": self.num_steps,
+            "metrics": self.last_metrics,
+            "val_metrics": self.last_val,
+            "checkpoint_step": self.last_saved,
+            "best_step": best_step,
+            "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
+            "iterator_exhausted": self.exhausted,
+            "wall_s": wall,
+            "steps_per_sec": (self.step - start) / wall if wall > 0 else math.nan,
+        }
+
+
 def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None):
     """Train ``experiment`` for ``config.num_steps`` steps in ``workdir``; resumes when checkpoints exist.
 
     Writes ``workdir/config.json``, ``workdir/metrics.jsonl`` (one JSON object per logged step:
-    ``step``, ``split``, metrics), ``workdir/checkpoints/`` and, when a writer is importable,
-    ``workdir/tensorboard/``. Config fields read: ``seed``, ``num_steps``, ``log_every``,
-    ``eval_every``, ``checkpoint_every``, optional ``keep_checkpoints`` (3), ``keep_best`` (1),
+    ``step``, the window's mean train metrics, ``val_*`` at validation steps, ``stage`` in staged
+    runs), ``workdir/checkpoints/`` and, when a writer is importable, ``workdir/tensorboard/``.
+    Config fields read: ``seed``, ``num_steps``, ``log_every``, ``eval_every``,
+    ``checkpoint_every``, optional ``keep_checkpoints`` (3), ``keep_best`` (1),
     ``async_checkpoint`` (True), ``tensorboard`` (True), ``reduce_on_plateau`` and
     ``early_stopping`` (keyword dicts for ``medjax.train.optim``). Returns ``(state, summary)``.
-    Raises ``NonFiniteLossError`` naming the step on a NaN/Inf loss, keeping the last good checkpoint.
+    Raises ``NonFiniteLossError`` naming the step on a NaN/Inf loss, keeping the last good
+    checkpoint, and ``ValueError`` for an iterator that cannot be resumed (no ``get_state``).
     """
-    config = validate_config(config)
-    workdir = pathlib.Path(workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    mesh = _mesh.make_mesh() if mesh is None else mesh
-    rep = _mesh.replicated(mesh)
-    num_steps = int(config.num_steps)
-    log_every, eval_every = int(config.log_every), int(config.eval_every)
-    ckpt_every = int(config.checkpoint_every)
-    has_validate = experiment.implements("validate") if hasattr(experiment, "implements") else False
-    eval_metric = getattr(experiment, "eval_metric", None) if has_validate and eval_every else None
-
-    config_dict = _jsonable(config.to_dict())
-
-    rng = jax.random.PRNGKey(int(config.seed))
-    abstract = _ckpt.abstract_state(experiment.init_state, rep, rng)
-    manager = _ckpt.CheckpointManager(
-        workdir / "checkpoints",
-        max_to_keep=int(config.get("keep_checkpoints", 3)),
-        best_metric=eval_metric,
-        best_mode=getattr(experiment, "eval_mode", "min"),
-        keep_best=int(config.get("keep_best", 1)),
-        async_save=bool(config.get("async_checkpoint", True)),
-    )
-    plateau, stopper = _controllers(config, experiment, has_validate)
-    iterator = experiment.train_iterator()
-    last_val = {}
-
+    run = _Run(experiment, config, workdir, mesh, interactive, stream)
     try:
-        start = manager.latest_step()
-        if start is not None and config.get("resume_check", True):
-            # Before restoring (and before config.json is rewritten): a changed model would not
-            # even fit the saved arrays, and a changed optimiser would mix two runs silently.
-            changes = config_changes(manager.restore_config(start), config_dict)
-            if changes:
-                raise ConfigError(
-                    f"--workdir {workdir} holds a checkpoint (step {start}) trained with other "
-                    f"settings: {'; '.join(changes)}. Use a new work directory, rerun with the "
-                    "same settings, or pass --config.resume_check=False to resume anyway"
-                )
-        if is_main:
-            write_text_atomic(workdir / "config.json", config_to_json(config) + "\n")
-        if start is not None:
-            restored = manager.restore(abstract)
-            state = restored.state
-            if restored.data:
-                iterator.set_state(restored.data)
-            loop_state = restored.loop
-            if plateau is not None and loop_state.get("plateau"):
-                plateau.load_state_dict(loop_state["plateau"])
-            if stopper is not None and loop_state.get("early_stopping"):
-                stopper.load_state_dict(loop_state["early_stopping"])
-            last_val = dict(loop_state.get("last_val") or {})
-        else:
-            start = 0
-            state = _mesh.replicate(experiment.init_state(rng), mesh)
-    except BaseException:
-        manager.close()
-        _close(iterator)
-        raise
-
-    writer = MetricsWriter(workdir / "metrics.jsonl", enabled=is_main)
-    writer.truncate_after(start)
-    tensorboard = TensorBoardWriter(
-        workdir / "tensorboard", enabled=is_main and bool(config.get("tensorboard", True))
-    )
-    progress = Progress(
-        num_steps, initial=start, interactive=interactive, stream=stream, enabled=is_main
-    )
-    if start:
-        progress.line(f"resuming {workdir} from step {start}")
-    elif num_steps:
-        progress.line(
-            f"training {num_steps} steps on {mesh.size} device(s), batch "
-            f"{config.get('batch_size', '?')} -> {workdir} (the first step compiles)"
-        )
-
-    step_fn = _steps.compile_step(experiment.train_step, mesh, donate=True)
-    track = jax.jit(_track_nonfinite)
-    all_finite = jax.jit(_state_finite)
-    first_bad = jnp.asarray(-1, jnp.int32)
-    val = None  # validation metrics of the current step, when it ran validate()
-    step = start
-    last_saved = start if start else None
-    last_metrics = {}
-    interrupted = stopped_early = exhausted = False
-    t_start = time.perf_counter()
-
-    def check_finite(at_step):
-        bad = int(jax.device_get(first_bad))
-        if bad >= 0:
-            fail(f"non-finite loss at step {bad}")
-        if not bool(jax.device_get(all_finite(state))):
-            fail(f"non-finite values in the train state at step {at_step}")
-
-    def fail(what):
-        manager.wait_until_finished()
-        good = manager.latest_step()
-        where = f"last good checkpoint: step {good}" if good is not None else "no checkpoint saved"
-        raise NonFiniteLossError(f"{what} ({where} in {manager.directory})")
-
-    def save(at_step, val=None):
-        nonlocal last_saved
-        check_finite(at_step)
-        loop_state = {
-            "plateau": plateau.state_dict() if plateau is not None else None,
-            "early_stopping": stopper.state_dict() if stopper is not None else None,
-            "last_val": last_val,
-        }
-        data = iterator.get_state() if hasattr(iterator, "get_state") else {}
-        manager.save(
-            at_step,
-            state,
-            data=_jsonable(data),
-            config=config_dict,
-            loop=_jsonable(loop_state),
-            metrics=val,
-        )
-        last_saved = at_step
-
-    if stopper is not None and stopper.should_stop:
-        stopped_early = True
-        progress.line(f"early stopping was reached at step {start}; nothing to do")
-    try:
-        with _SigintFlag(progress) as sigint:
-            while step < num_steps and not stopped_early:
-                if sigint.requested:
-                    interrupted = True
-                    break
-                try:
-                    host_batch = next(iterator)
-                except StopIteration:
-                    exhausted = True
-                    progress.line(f"train_iterator ended after step {step} of {num_steps}")
-                    break
-                batch = _mesh.shard_batch(host_batch, mesh)
-                with jax.named_scope("train_step"):
-                    state, metrics = step_fn(state, batch)
-                step += 1
-                if step == start + 1 and not progress.interactive:
-                    jax.block_until_ready(metrics)
-                    progress.line(
-                        f"first step done in {time.perf_counter() - t_start:.1f} s "
-                        "(compilation included)"
-                    )
-                if "loss" not in metrics:
-                    raise ValueError(
-                        f"train_step metrics: expected a 'loss' entry, got {sorted(metrics)}"
-                    )
-                first_bad = track(first_bad, metrics["loss"], np.int32(step))
-                validate_now = bool(has_validate and eval_every and step % eval_every == 0)
-                val = None
-                if step % log_every == 0 or step == num_steps or validate_now:
-                    bad = int(jax.device_get(first_bad))
-                    if bad >= 0:
-                        fail(f"non-finite loss at step {bad}")
-                    last_metrics = _host(metrics)
-                    record = dict(last_metrics)
-                    tensorboard.write(step, last_metrics)
-                    progress.update(step, last_metrics)
-                    if validate_now:
-                        check_finite(step)
-                        val = {k: float(v) for k, v in experiment.validate(state).items()}
-                        last_val = dict(val)
-                        # One metrics.jsonl object per step: validation entries named val_*.
-                        record.update(
-                            {k if k.startswith("val_") else f"val_{k}": v for k, v in val.items()}
-                        )
-                        tensorboard.write(step, val, split="val")
-                        progress.line(f"step {step} validation: {format_metrics(val)}")
-                    writer.write(step, record)
-                else:
-                    progress.update(step)
-                if val is not None:
-                    if eval_metric is not None and eval_metric not in val:
-                        raise ValueError(
-                            f"validate(): expected the eval_metric {eval_metric!r} entry, "
-                            f"got {sorted(val)}"
-                        )
-                    if eval_metric is not None and not math.isfinite(val[eval_metric]):
-                        fail(f"non-finite validation {eval_metric} at step {step}")
-                    if plateau is not None:
-                        old = plateau.scale
-                        scale = plateau.step(val[eval_metric])
-                        if scale != old:
-                            state = apply_lr_scale(state, scale)
-                            progress.line(f"step {step}: learning-rate scale {old:g} -> {scale:g}")
-                    if stopper is not None and stopper.step(val[eval_metric]):
-                        stopped_early = True
-                        progress.line(f"step {step}: early stopping ({eval_metric} not improving)")
-                if (ckpt_every and step % ckpt_every == 0) or stopped_early:
-                    save(step, val)
-                if stopped_early:
-                    break
-            if last_saved != step and step > 0:
-                # Attach validation metrics only if they were measured on this very state.
-                save(step, val)
-    except KeyboardInterrupt:
-        # A second Ctrl-C (or one outside the main thread): save when the state is intact.
-        interrupted = True
-        intact = not any(x.is_deleted() for x in jax.tree.leaves(state))
-        if last_saved != step and step > 0 and intact:
-            save(step, None)
-        raise
+        return run.run()
     finally:
-        progress.close()
-        tensorboard.close()
-        best_step = manager.best_step()
-        manager.close()
-        _close(iterator)
-
-    wall = time.perf_counter() - t_start
-    if interrupted:
-        progress.line(f"stopped at step {step}; checkpoint saved; rerun the same command to resume")
-    summary = {
-        "step": step,
-        "start_step": start,
-        "num_steps": num_steps,
-        "metrics": last_metrics,
-        "val_metrics": last_val,
-        "checkpoint_step": last_saved,
-        "best_step": best_step,
-        "interrupted": interrupted,
-        "stopped_early": stopped_early,
-        "iterator_exhausted": exhausted,
-        "wall_s": wall,
-        "steps_per_sec": (step - start) / wall if wall > 0 else math.nan,
-    }
-    return state, summary
+        run.close()

@@ -3,12 +3,22 @@
 Every builder returns a pure ``step(state, batch) -> (state, metrics)``. Per-step randomness is
 ``fold_in(state.rng, state.step)`` (then ``fold_in`` per phase), so a step is deterministic and a
 resumed run draws the same keys as an uninterrupted one.
+
+The state may hold more than the networks a step trains (a frozen source segmenter, a pre-trained
+shape autoencoder, a teacher): every loss receives the **rest of the state** as its last argument
+``rest`` (a dict of the entries the step does not update, gradients stopped), so frozen networks
+reach the loss as arguments of the compiled step, never as constants baked into it.
+
+Every step also reports the global norms of its gradients, parameters and updates
+(``grad_norm``, ``param_norm``, ``update_norm``; prefixed per network in the adversarial and
+co-training steps): adversarial training is diagnosed by them.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from medjax.train.ema import get_ema_params
 from medjax.train.mesh import data_sharded, replicated
@@ -50,6 +60,22 @@ def _pmean(tree, axis_name):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _rest(state, exclude):
+    """The entries of a dict state that a step does not update, with gradients stopped."""
+    if not isinstance(state, dict):
+        return {}
+    return jax.lax.stop_gradient({k: v for k, v in state.items() if k not in exclude})
+
+
+def _norms(old, new, grads):
+    """Global norms of ``grads``, of the new params and of the update ``new - old``."""
+    return {
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(new.params),
+        "update_norm": optax.tree.norm(jax.tree.map(lambda a, b: b - a, old.params, new.params)),
+    }
+
+
 def _step_key(state, phase, axis_name):
     key = state.step_rng(phase)
     if axis_name is not None:
@@ -57,28 +83,41 @@ def _step_key(state, phase, axis_name):
     return key
 
 
-def supervised_step(loss_fn, *, axis_name=None):
+def supervised_step(loss_fn, *, key=None, axis_name=None):
     """Build a one-model step.
 
-    ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))``; ``rng`` is
-    a typed key. Returns ``step(state, batch) -> (state, {"loss": ..., **metrics})``.
+    ``loss_fn(params, model_state, batch, rng, rest) -> (loss, (metrics, new_model_state))``;
+    ``rng`` is a typed key. The state is a TrainState (``key=None``; ``rest`` is ``{}``) or a dict
+    of them whose entry ``key`` is trained while the others reach the loss as ``rest``
+    (unchanged, gradients stopped). Returns ``step(state, batch) -> (state, {"loss", "grad_norm",
+    "param_norm", "update_norm", **metrics})``.
     Under ``jax.pmap`` pass ``axis_name``: gradients, loss and metrics are ``pmean``-ed over it and
     the key also folds in the device index (BatchNorm must use the same ``axis_name``).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
-        _check_state(state, "state")
-        rng = _step_key(state, 0, axis_name)
+        if key is None:
+            st, rest = state, {}
+            _check_state(st, "state")
+        else:
+            if not isinstance(state, dict) or key not in state:
+                raise ValueError(
+                    f"state: expected a dict with entry {key!r}, got {type(state).__name__}"
+                )
+            st, rest = state[key], _rest(state, (key,))
+            _check_state(st, f"state[{key!r}]")
+        rng = _step_key(st, 0, axis_name)
         with jax.named_scope("forward_backward"):
             (loss, (metrics, new_model_state)), grads = grad_fn(
-                state.params, state.model_state, batch, rng
+                st.params, st.model_state, batch, rng, rest
             )
         with jax.named_scope("update"):
             grads = _pmean(grads, axis_name)
-            state = state.apply_gradients(grads, model_state=new_model_state)
+            new = st.apply_gradients(grads, model_state=new_model_state)
         metrics = _pmean({**metrics, "loss": loss}, axis_name)
-        return state, metrics
+        metrics.update(_norms(st, new, grads))
+        return (new if key is None else {**state, key: new}), metrics
 
     return step
 
@@ -95,74 +134,87 @@ def adversarial_step(
     clip=None,
     update_generator=True,
     critic_batch=None,
+    gen="gen",
+    critic="critic",
     axis_name=None,
 ):
-    """Build a WGAN-style step for ``{"gen": TrainState, "critic": TrainState}``.
+    """Build a WGAN-style step for a dict state holding TrainStates ``state[gen]`` and ``state[critic]``.
 
     Per call: ``n_critic`` critic updates (generator frozen), each followed by clipping the critic's
-    params to ``[-clip, clip]`` (``clip=None``: no clipping), then one generator update against
-    the updated (frozen) critic. Signatures:
-    ``critic_loss_fn(critic_params, critic_model_state, gen_state, batch, rng)`` and
-    ``gen_loss_fn(gen_params, gen_model_state, critic_state, batch, rng)``, each returning
+    params to ``[-clip, clip]`` (``clip=None``: no clipping; ``clip`` may also be a callable
+    ``params -> params``, e.g. one that clips only the conv kernels), then one generator update
+    against the updated (frozen) critic. Signatures:
+    ``critic_loss_fn(critic_params, critic_model_state, gen_state, batch, rng, rest)`` and
+    ``gen_loss_fn(gen_params, gen_model_state, critic_state, batch, rng, rest)``, each returning
     ``(loss, (metrics, new_model_state))``; the other model arrives as a TrainState whose params
-    get no gradient.
+    get no gradient, and ``rest`` holds the state's other entries (e.g. a frozen segmenter).
 
     ``n_critic`` is an int, or a callable ``gen_step -> int`` evaluated INSIDE the jitted step on
     the generator's step counter (e.g. ``lambda s: 20 + s // 300``): the critic loop is a
     ``lax.fori_loop`` with a traced trip count, so a growing ``n_critic`` never recompiles.
     ``critic_batch(batch, i)`` optionally picks critic iteration ``i``'s batch (default: the whole
     batch, with a fresh key each iteration). ``update_generator=False`` gives a critic warm-up step.
-    Metrics: ``critic/*`` (last critic iteration), ``gen/*``, ``n_critic`` and ``loss``.
-    Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
+    Metrics: ``critic/*`` (last critic iteration, with its norms), ``gen/*`` (with norms),
+    ``n_critic`` and ``loss``. Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
     """
     if isinstance(n_critic, int) and n_critic < 0:
         raise ValueError(f"n_critic: expected >= 0, got {n_critic}")
-    if clip is not None and not float(clip) > 0:
-        raise ValueError(f"clip: expected a positive value or None, got {clip}")
+    if clip is not None and not callable(clip) and not float(clip) > 0:
+        raise ValueError(f"clip: expected a positive value, a callable or None, got {clip}")
+    clip_fn = clip if callable(clip) else (lambda p: clip_params(p, clip))
     critic_grad = jax.value_and_grad(critic_loss_fn, has_aux=True)
     gen_grad = jax.value_and_grad(gen_loss_fn, has_aux=True)
 
-    def critic_update(critic, gen, batch, i):
+    def critic_update(c, g, batch, i, rest):
         b = batch if critic_batch is None else critic_batch(batch, i)
-        rng = _step_key(critic, 1, axis_name)
-        (loss, (metrics, new_ms)), grads = critic_grad(
-            critic.params, critic.model_state, gen, b, rng
-        )
-        critic = critic.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
-        critic = critic.replace(params=clip_params(critic.params, clip))
-        return critic, _pmean({**metrics, "loss": loss}, axis_name)
+        rng = _step_key(c, 1, axis_name)
+        (loss, (metrics, new_ms)), grads = critic_grad(c.params, c.model_state, g, b, rng, rest)
+        grads = _pmean(grads, axis_name)
+        new = c.apply_gradients(grads, model_state=new_ms)
+        new = new.replace(params=clip_fn(new.params))
+        metrics = _pmean({**metrics, "loss": loss}, axis_name)
+        return new, {**metrics, **_norms(c, new, grads)}
 
     def step(state, batch):
-        gen, critic = state["gen"], state["critic"]
-        _check_state(gen, "state['gen']")
-        _check_state(critic, "state['critic']")
-        n = n_critic(gen.step) if callable(n_critic) else n_critic
+        if not isinstance(state, dict) or gen not in state or critic not in state:
+            raise ValueError(
+                f"state: expected a dict with entries {gen!r} and {critic!r}, got "
+                f"{sorted(state) if isinstance(state, dict) else type(state).__name__}"
+            )
+        g, c = state[gen], state[critic]
+        _check_state(g, f"state[{gen!r}]")
+        _check_state(c, f"state[{critic!r}]")
+        rest = _rest(state, (gen, critic))
+        n = n_critic(g.step) if callable(n_critic) else n_critic
         n = jnp.asarray(n, jnp.int32)
-        frozen_gen = gen.replace(params=jax.lax.stop_gradient(gen.params))
+        frozen_gen = g.replace(params=jax.lax.stop_gradient(g.params))
         with jax.named_scope("critic"):
-            shapes = jax.eval_shape(lambda c: critic_update(c, frozen_gen, batch, 0)[1], critic)
+            shapes = jax.eval_shape(lambda cc: critic_update(cc, frozen_gen, batch, 0, rest)[1], c)
 
             def body(i, carry):
-                return critic_update(carry[0], frozen_gen, batch, i)
+                return critic_update(carry[0], frozen_gen, batch, i, rest)
 
-            critic, c_metrics = jax.lax.fori_loop(0, n, body, (critic, _zeros_like_shape(shapes)))
+            c, c_metrics = jax.lax.fori_loop(0, n, body, (c, _zeros_like_shape(shapes)))
         metrics = {f"critic/{k}": v for k, v in c_metrics.items()}
         metrics["n_critic"] = n
         if update_generator:
-            frozen_critic = critic.replace(params=jax.lax.stop_gradient(critic.params))
+            frozen_critic = c.replace(params=jax.lax.stop_gradient(c.params))
             with jax.named_scope("generator"):
-                rng = _step_key(gen, 2, axis_name)
+                rng = _step_key(g, 2, axis_name)
                 (g_loss, (g_metrics, new_ms)), grads = gen_grad(
-                    gen.params, gen.model_state, frozen_critic, batch, rng
+                    g.params, g.model_state, frozen_critic, batch, rng, rest
                 )
-                gen = gen.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
+                grads = _pmean(grads, axis_name)
+                new_g = g.apply_gradients(grads, model_state=new_ms)
                 g_metrics, g_loss = _pmean((g_metrics, g_loss), axis_name)
             metrics.update({f"gen/{k}": v for k, v in g_metrics.items()})
+            metrics.update({f"gen/{k}": v for k, v in _norms(g, new_g, grads).items()})
             metrics["gen/loss"] = g_loss
             metrics["loss"] = g_loss
+            g = new_g
         else:
             metrics["loss"] = c_metrics["loss"]
-        return {**state, "gen": gen, "critic": critic}, metrics
+        return {**state, gen: g, critic: c}, metrics
 
     return step
 
@@ -187,43 +239,51 @@ def ramp_weight(step, *, max_weight=1.0, ramp_steps, kind="sigmoid"):
     return (max_weight * r).astype(jnp.float32)
 
 
-def cotraining_step(loss_fn, *, weight=1.0, axis_name=None):
-    """Build a co-training step for ``{"a": TrainState, "b": TrainState}`` (Huang et al. 2020).
+def cotraining_step(loss_fn, *, weight=1.0, models=("a", "b"), axis_name=None):
+    """Build a co-training step for a dict state with TrainStates ``state[a]``, ``state[b]`` (Huang et al. 2020).
 
     Each model's ``tx`` must end with :func:`medjax.train.ema.ema_params` (its own EMA teacher).
-    ``loss_fn(params, model_state, teacher, batch, rng, weight) -> (loss, (metrics,
+    ``loss_fn(params, model_state, teacher, batch, rng, weight, rest) -> (loss, (metrics,
     new_model_state))``, where ``teacher`` is the OTHER model's TrainState with its params replaced
-    by its EMA params (no gradient; use ``teacher.apply_fn(teacher.variables(), ...)``).
-    ``weight`` is a float or ``callable(step) -> weight`` (e.g. a :func:`ramp_weight` partial) of
-    model a's step. Both models update from the teachers as they were before this step.
-    Metrics: ``a/*``, ``b/*``, ``weight`` and ``loss`` (the mean of both losses).
-    Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
+    by its EMA params (no gradient; use ``teacher.apply_fn(teacher.variables(), ...)``) and
+    ``rest`` the state's other entries. ``weight`` is a float or ``callable(step) -> weight`` (e.g.
+    a :func:`ramp_weight` partial) of model a's step. Both models update from the teachers as they
+    were before this step. Metrics: ``a/*``, ``b/*`` (with norms), ``weight`` and ``loss`` (the
+    mean of both losses). Under ``jax.pmap`` pass ``axis_name`` (as for :func:`supervised_step`).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if len(models) != 2 or models[0] == models[1]:
+        raise ValueError(f"models: expected two different entry names, got {models!r}")
+    na, nb = models
 
     def step(state, batch):
-        a, b = state["a"], state["b"]
-        _check_state(a, "state['a']")
-        _check_state(b, "state['b']")
-        w = weight(a.step) if callable(weight) else weight
+        if not isinstance(state, dict) or na not in state or nb not in state:
+            raise ValueError(f"state: expected a dict with entries {na!r} and {nb!r}")
+        _check_state(state[na], f"state[{na!r}]")
+        _check_state(state[nb], f"state[{nb!r}]")
+        rest = _rest(state, models)
+        w = weight(state[na].step) if callable(weight) else weight
         w = jnp.asarray(w, jnp.float32)
         teachers = {}
-        for name, st in (("a", a), ("b", b)):
+        for name in models:
+            st = state[name]
             ema = jax.lax.stop_gradient(get_ema_params(st.opt_state))
             teachers[name] = st.replace(params=ema)
         new, metrics = {}, {"weight": w}
-        for i, (name, other) in enumerate((("a", "b"), ("b", "a"))):
+        for i, (name, other) in enumerate(((na, nb), (nb, na))):
             st = state[name]
             with jax.named_scope(f"model_{name}"):
                 rng = _step_key(st, 10 + i, axis_name)
                 (loss, (m, new_ms)), grads = grad_fn(
-                    st.params, st.model_state, teachers[other], batch, rng, w
+                    st.params, st.model_state, teachers[other], batch, rng, w, rest
                 )
-                new[name] = st.apply_gradients(_pmean(grads, axis_name), model_state=new_ms)
+                grads = _pmean(grads, axis_name)
+                new[name] = st.apply_gradients(grads, model_state=new_ms)
                 m, loss = _pmean((m, loss), axis_name)
             metrics.update({f"{name}/{k}": v for k, v in m.items()})
+            metrics.update({f"{name}/{k}": v for k, v in _norms(st, new[name], grads).items()})
             metrics[f"{name}/loss"] = loss
-        metrics["loss"] = 0.5 * (metrics["a/loss"] + metrics["b/loss"])
+        metrics["loss"] = 0.5 * (metrics[f"{na}/loss"] + metrics[f"{nb}/loss"])
         return {**state, **new}, metrics
 
     return step

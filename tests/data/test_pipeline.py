@@ -193,3 +193,68 @@ def test_record_source_over_nifti_files(tmp_path):
             np.testing.assert_array_equal(lab, np.arange(64).reshape(4, 4, 4) % (i + 2))
     seen = sorted(int(b["image"][j, 0, 0, 0, 0]) for b in batches for j in range(2))
     assert seen == [0, 1, 2, 3]
+
+
+def _mixed(process_index=0, process_count=1, **kw):
+    from medjax.data.pipeline import FunctionSource, make_mixed_iterator
+
+    sources = [
+        FunctionSource(7, lambda i: {"x": np.float32(i), "id": np.int32(i)}),
+        FunctionSource(3, lambda i: {"x": np.float32(100 + i), "id": np.int32(100 + i)}),
+    ]
+    args = dict(
+        batch_size=8,
+        seed=0,
+        weights=[3.0, 1.0],
+        class_masks=[[1, 1, 0], [1, 0, 1]],
+        process_index=process_index,
+        process_count=process_count,
+        prefetch_threads=1,
+    )
+    args.update(kw)
+    return make_mixed_iterator(sources, **args)
+
+
+def test_mixed_iterator_weights_masks_and_coverage():
+    it = _mixed()
+    batches = [next(it) for _ in range(30)]
+    src = np.concatenate([b["source"] for b in batches])
+    assert abs((src == 0).mean() - 0.75) < 0.01  # proportions follow the weights
+    for b in batches:
+        expected = np.where(b["source"][:, None] == 0, [1, 1, 0], [1, 0, 1]).astype(bool)
+        np.testing.assert_array_equal(b["class_mask"], expected)
+        assert np.all((b["id"] >= 100) == (b["source"] == 1))
+    ids = np.concatenate([b["id"] for b in batches])
+    # every pass over a source visits each of its records once (reshuffled per pass)
+    first = ids[src == 0][:7]
+    assert sorted(first.tolist()) == list(range(7))
+    second = ids[src == 0][7:14]
+    assert sorted(second.tolist()) == list(range(7)) and not np.array_equal(first, second)
+    it.close()
+
+
+def test_mixed_iterator_same_global_batches_for_any_process_count_and_resumes():
+    def transform(rec, rng):
+        return {**rec, "noise": np.float32(rng.normal())}
+
+    whole = _mixed(transform=transform)
+    parts = [_mixed(p, 2, transform=transform) for p in range(2)]
+    for _ in range(5):
+        g = next(whole)
+        local = [next(p) for p in parts]
+        for key in g:
+            np.testing.assert_array_equal(g[key], np.concatenate([b[key] for b in local]))
+    state = whole.get_state()
+    ahead = [next(whole) for _ in range(3)]
+    resumed = _mixed(transform=transform)
+    resumed.set_state(state)
+    for a in ahead:
+        b = next(resumed)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="weights"):
+        _mixed(weights=[1.0])
+    with pytest.raises(ValueError, match="class_masks"):
+        _mixed(class_masks=[[1, 0], [1, 0, 1]])
+    for it in (whole, resumed, *parts):
+        it.close()

@@ -77,3 +77,20 @@ def test_spatial_gradient_validation():
         spatial_gradient(np.zeros((1, 4, 4, 1)), mode="backward")
     with pytest.raises(ValueError, match="x"):
         spatial_gradient(np.zeros((4, 4)))
+
+
+def test_gaussian_heatmap_as_many_centres_as_axes():
+    """N == ndim: a (ndim,) sigma is per axis; a per-heatmap sigma is given as (N, 1)."""
+    shape = (9, 11)
+    centres = np.array([[4.0, 5.0], [2.0, 8.0]], np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1)
+    per_axis = np.array([1.0, 3.0], np.float32)
+    out = np.asarray(gaussian_heatmap(shape, centres, per_axis))
+    for n in range(2):
+        ref = np.exp(-(((grid - centres[n]) / per_axis) ** 2).sum(-1) / 2)
+        np.testing.assert_allclose(out[n], ref, rtol=1e-5, atol=1e-7)
+    per_map = np.array([[1.0], [3.0]], np.float32)
+    out = np.asarray(gaussian_heatmap(shape, centres, per_map))
+    for n in range(2):
+        ref = np.exp(-((grid - centres[n]) ** 2).sum(-1) / (2 * per_map[n, 0] ** 2))
+        np.testing.assert_allclose(out[n], ref, rtol=1e-5, atol=1e-7)

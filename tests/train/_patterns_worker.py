@@ -56,14 +56,14 @@ def adversarial(axis_name=None):
     def features(params, x):
         return gen.apply({"params": params}, x)
 
-    def critic_loss(params, ms, g, batch, rng):
+    def critic_loss(params, ms, g, batch, rng, rest):
         # WGAN critic: source features are "real", target features "fake". (No use of the key:
         # under pmap every device draws its own, so random losses would differ from 1 device.)
         real = critic.apply({"params": params}, features(g.params, batch["source"]))
         fake = critic.apply({"params": params}, features(g.params, batch["target"]))
         return -(jnp.mean(real) - jnp.mean(fake)), ({}, ms)
 
-    def gen_loss(params, ms, c, batch, rng):
+    def gen_loss(params, ms, c, batch, rng, rest):
         feats = features(params, batch["target"])
         return -jnp.mean(critic.apply({"params": c.params}, feats)), ({"feat": jnp.mean(feats)}, ms)
 
@@ -86,7 +86,7 @@ def cotraining(axis_name=None):
         for k, name in enumerate(("a", "b"))
     }
 
-    def loss_fn(params, ms, teacher, batch, rng, weight):
+    def loss_fn(params, ms, teacher, batch, rng, weight, rest):
         logits = net.apply({"params": params}, batch["source"])
         hard = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1))
         soft_t = jax.nn.softmax(teacher.apply_fn({"params": teacher.params}, batch["source"]))

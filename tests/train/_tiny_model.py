@@ -51,7 +51,7 @@ def make_step(axis_name=None):
     """Supervised MSE step; under pmap pass the pmap ``axis_name`` (BN and gradient pmean)."""
     model = TinyBNNet(axis_name=axis_name)
 
-    def loss_fn(params, model_state, batch, rng):
+    def loss_fn(params, model_state, batch, rng, rest):
         out, upd = model.apply(
             {"params": params, **model_state}, batch["x"], train=True, mutable=["batch_stats"]
         )

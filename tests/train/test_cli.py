@@ -204,7 +204,19 @@ def test_two_process_training_then_resume_on_one(tmp_path, monkeypatch):
     # each process fed half of every batch: the losses match a single-process run
     monkeypatch.setenv("MEDJAX_EXPERIMENTS_DIR", str(TOY))
     single = tmp_path / "single"
-    assert main(["train", "toy", "--workdir", str(single), "--config.num_steps=4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "toy",
+                "--workdir",
+                str(single),
+                "--config.num_steps=4",
+                "--config.log_every=2",
+            ]
+        )
+        == 0
+    )
     ref = {r["step"]: r["loss"] for r in map(json.loads, (single / "metrics.jsonl").open())}
     for r in logged:
         np.testing.assert_allclose(r["loss"], ref[r["step"]], rtol=1e-5)

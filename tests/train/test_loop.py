@@ -89,7 +89,8 @@ def test_interrupted_run_with_grain_pipeline_ends_bit_identical(tmp_path):
     la = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert la == read_metrics(tmp_path / "split" / "metrics.jsonl") and len(la) == 12
     m = CheckpointManager(tmp_path / "split" / "checkpoints")
-    assert m.restore(abstract_state(full, replicated(make_mesh()))).data["next_batch"] == 12
+    data = m.restore(abstract_state(full, replicated(make_mesh()))).data
+    assert data["source"] == "default" and data["state"]["next_batch"] == 12
     m.close()
 
 
@@ -102,16 +103,30 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 
 
 def test_metrics_jsonl_format_and_values(tmp_path):
-    _, summary = _run(tmp_path, "num_steps=5", "log_every=2", "eval_every=2", "checkpoint_every=2")
+    _, summary = _run(
+        tmp_path,
+        "num_steps=5",
+        "log_every=2",
+        "eval_every=2",
+        "checkpoint_every=1",
+        "keep_checkpoints=10",
+    )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert [r["step"] for r in records] == [2, 4, 5]  # every log_every steps and the last one
     for r in records:  # every record has step and loss; validation steps also val_*
         assert isinstance(r["step"], int) and np.isfinite(r["loss"])
-        assert set(r) == {"step", "loss", "mae"} | ({"val_loss"} if r["step"] in (2, 4) else set())
-    # the loss logged at step 5 is the MSE of the step-4 parameters on batch index 4
+        norms = {"grad_norm", "param_norm", "update_norm"}
+        val = {"val_loss"} if r["step"] in (2, 4) else set()
+        assert set(r) == {"step", "loss", "mae"} | norms | val
+    # the loss logged at step 5 is the MSE of the step-4 parameters on batch index 4 (a window of 1)
     params4 = jax.device_get(_restore(tmp_path, step=4).params)
     np.testing.assert_allclose(records[-1]["loss"], _mse(params4, *_toy_batch(4)), rtol=1e-5)
+    # the loss logged at step 4 is the mean over its window: steps 3 and 4 (batches 2 and 3)
+    p2 = jax.device_get(_restore(tmp_path, step=2).params)
+    p3 = jax.device_get(_restore(tmp_path, step=3).params)
+    window = [_mse(p2, *_toy_batch(2)), _mse(p3, *_toy_batch(3))]
+    np.testing.assert_allclose(records[1]["loss"], np.mean(window), rtol=1e-5)
     assert summary["metrics"]["loss"] == records[-1]["loss"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["experiment"], cfg["num_steps"], cfg["log_every"]) == ("toy", 5, 2)
@@ -308,3 +323,37 @@ def test_resume_refuses_other_settings_and_keeps_the_saved_config(tmp_path):
     assert (summary["start_step"], summary["step"]) == (3, 4)
     _, summary = _run(tmp_path, "num_steps=5", "optimizer.learning_rate=0.01", "resume_check=False")
     assert (summary["start_step"], summary["step"]) == (4, 5)
+
+
+def test_tensorboard_purges_events_after_the_resumed_step(tmp_path, monkeypatch):
+    """A resumed run asks the writer to hide events at and after its first new step."""
+    import types
+
+    inits = []
+
+    class FakeWriter:
+        def __init__(self, logdir, purge_step=None):
+            inits.append(purge_step)
+
+        def add_scalar(self, tag, value, step):
+            pass
+
+        def close(self):
+            pass
+
+    fake = types.ModuleType("tensorboardX")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    _run(tmp_path, "num_steps=3", "checkpoint_every=3", "tensorboard=True")
+    _run(tmp_path, "num_steps=5", "checkpoint_every=3", "tensorboard=True")
+    assert inits == [None, 4]
+
+
+def test_an_iterator_without_get_state_is_refused(tmp_path, monkeypatch):
+    cfg = load_config("toy", None, [], directory=TOY)
+    exp = load_experiment("toy", directory=TOY).build(cfg)
+    monkeypatch.setattr(exp, "train_iterator", lambda: iter([{"x": np.zeros((8, 4))}]))
+    with pytest.raises(
+        ValueError, match=r"train_iterator\(\): expected an iterator with get_state"
+    ):
+        fit(exp, cfg, tmp_path, stream=io.StringIO())

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +34,7 @@ def _linear_state(w, tx, seed=0):
     )
 
 
-def _mse_loss(params, model_state, batch, rng):
+def _mse_loss(params, model_state, batch, rng, rest):
     r = batch["x"] @ params["w"] - batch["y"]
     return jnp.mean(r**2), ({"key0": jax.random.key_data(rng)[0]}, model_state)
 
@@ -70,13 +71,13 @@ CLIP = 0.03
 LR_C, LR_G = 0.05, 0.1
 
 
-def _critic_loss(c, ms, gen, batch, rng):
+def _critic_loss(c, ms, gen, batch, rng, rest):
     fake = batch["z"] * gen.params["g"]
     loss = -(jnp.mean(batch["real"] @ c["c"]) - jnp.mean(fake @ c["c"]))
     return loss, ({}, ms)
 
 
-def _gen_loss(g, ms, critic, batch, rng):
+def _gen_loss(g, ms, critic, batch, rng, rest):
     fake = batch["z"] * g["g"]
     return -jnp.mean(fake @ critic.params["c"]), ({}, ms)
 
@@ -124,10 +125,10 @@ def test_adversarial_step_matches_numpy_and_clips():
 def test_adversarial_clip_after_every_critic_step():
     seen = []
 
-    def critic_loss(c, ms, gen, batch, rng):
+    def critic_loss(c, ms, gen, batch, rng, rest):
         # record the params each critic update starts from (all but the first come after a clip)
         jax.debug.callback(lambda v: seen.append(np.asarray(v)), c["c"])
-        return _critic_loss(c, ms, gen, batch, rng)
+        return _critic_loss(c, ms, gen, batch, rng, rest)
 
     state = {"gen": _gen_state(), "critic": _critic_state()}
     big = {"real": REAL * 50.0, "z": NOISE}
@@ -196,7 +197,7 @@ def test_ramp_weight_closed_forms():
         ramp_weight(1, ramp_steps=10, kind="cosine")
 
 
-def _co_loss(params, ms, teacher, batch, rng, weight):
+def _co_loss(params, ms, teacher, batch, rng, weight, rest):
     pred = batch["x"] @ params["w"]
     soft = teacher.apply_fn(teacher.variables(), batch["x"])
     hard = jnp.mean((pred - batch["y"]) ** 2)
@@ -234,3 +235,53 @@ def test_cotraining_matches_numpy_loop():
     # the two models stay different (different initialisations) and the weight ramped up
     assert not np.allclose(a, b)
     assert float(m["weight"]) > 0.49
+
+
+def test_supervised_step_reports_norms_like_numpy():
+    lr = 0.1
+    state = _linear_state([0.1, -0.2, 0.3], optax.sgd(lr))
+    _, m = jax.jit(supervised_step(_mse_loss))(state, {"x": X, "y": Y})
+    w = np.array([0.1, -0.2, 0.3])
+    g = 2.0 / len(Y) * X.T @ (X @ w - Y)
+    np.testing.assert_allclose(float(m["grad_norm"]), np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_allclose(float(m["update_norm"]), lr * np.linalg.norm(g), rtol=1e-5)
+    np.testing.assert_allclose(float(m["param_norm"]), np.linalg.norm(w - lr * g), rtol=1e-5)
+
+
+def test_frozen_networks_reach_the_loss_as_arguments_not_constants():
+    """A frozen 'teacher' entry of the state is passed to the loss as ``rest``; changing its
+    params changes the result without recompiling, and the teacher itself never moves."""
+    traces = []
+
+    def loss(params, ms, batch, rng, rest):
+        traces.append(1)
+        target = batch["x"] @ rest["teacher"].params["w"]
+        return jnp.mean((batch["x"] @ params["w"] - target) ** 2), ({}, ms)
+
+    step = jax.jit(supervised_step(loss, key="student"))
+    state = {
+        "student": _linear_state([0.0, 0.0, 0.0], optax.sgd(0.1)),
+        "teacher": _linear_state([1.0, 2.0, 3.0], optax.sgd(0.1)),
+    }
+    s1, m1 = step(state, {"x": X})
+    teacher2 = state["teacher"].replace(params={"w": jnp.asarray([-1.0, 0.0, 1.0])})
+    other = {**state, "teacher": teacher2}
+    s2, m2 = step(other, {"x": X})
+    assert len(traces) == 1  # one compilation for both teachers
+    assert not np.isclose(float(m1["loss"]), float(m2["loss"]))
+    np.testing.assert_array_equal(np.asarray(s1["teacher"].params["w"]), [1.0, 2.0, 3.0])
+    assert int(s1["teacher"].step) == 0 and int(s1["student"].step) == 1
+    with pytest.raises(ValueError, match="entry 'student'"):
+        supervised_step(loss, key="student")(state["student"], {"x": X})
+
+
+class TestSupervisedStepVariants(chex.TestCase):
+    """The supervised step gives the same update with and without jit (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_same_update(self):
+        state = _linear_state([0.1, -0.2, 0.3], optax.sgd(0.1))
+        new, m = self.variant(supervised_step(_mse_loss))(state, {"x": X, "y": Y})
+        w = np.array([0.1, -0.2, 0.3])
+        w = w - 0.1 * 2.0 / len(Y) * X.T @ (X @ w - Y)
+        chex.assert_trees_all_close(np.asarray(new.params["w"]), w, rtol=1e-5)

@@ -54,7 +54,7 @@ class Experiment(mt.Experiment):
         self.model = nn.Dense(1)
         self._validations = 0
 
-        def loss_fn(params, model_state, batch, rng):
+        def loss_fn(params, model_state, batch, rng, rest):
             pred = self.model.apply({"params": params}, batch["x"])
             if config.step_noise:  # like dropout: the loss depends on the step's random key
                 pred = pred + config.step_noise * jax.random.normal(rng, pred.shape)
