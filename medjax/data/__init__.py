@@ -13,6 +13,8 @@ _LAZY = {
     "load_record": "medjax.data.datasets",
     "split": "medjax.data.datasets",
     "kfold": "medjax.data.datasets",
+    "partial_label_records": "medjax.data.datasets",
+    "mrbrains18_records": "medjax.data.datasets",
     "make_iterator": "medjax.data.pipeline",
     "FunctionSource": "medjax.data.pipeline",
     "RecordSource": "medjax.data.pipeline",

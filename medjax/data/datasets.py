@@ -3,7 +3,9 @@
 A record is a plain dict ``{"id": str, "image": [per-modality paths], "label": path or None, "meta": dict}``.
 ``meta["label_map"]`` (``{raw value: class id}`` or a list of allowed values) is applied by
 :func:`load_record`. Layouts: BraTS 2018-2021 and 2023+, Medical Segmentation Decathlon, nnU-Net v2,
-iSeg-2017, MM-WHS 2017, OASIS (neurite-oasis and raw FreeSurfer) and PDDCA.
+iSeg-2017, MRBrainS18, MM-WHS 2017, OASIS (neurite-oasis and raw FreeSurfer) and PDDCA;
+:func:`partial_label_records` unifies the labels of several partially labelled Decathlon (or KiTS19)
+folders by name.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ __all__ = [
     "ISEG_LABEL_MAP",
     "MMWHS_CLASSES",
     "MMWHS_LABEL_MAP",
+    "MRBRAINS18_CLASSES_4",
+    "MRBRAINS18_CLASSES_9",
+    "MRBRAINS18_LABELS",
+    "MRBRAINS18_LABEL_MAP_4",
+    "MRBRAINS18_LABEL_MAP_9",
+    "MRBRAINS18_MODALITIES",
     "OASIS_SEG4_LABELS",
     "OASIS_SEG35_LABELS",
     "PDDCA_STRUCTURES",
@@ -49,8 +57,10 @@ __all__ = [
     "load_pddca_label",
     "load_record",
     "mmwhs_records",
+    "mrbrains18_records",
     "nnunet_records",
     "oasis_records",
+    "partial_label_records",
     "pddca_records",
     "split",
 ]
@@ -643,3 +653,359 @@ def kfold(
     val = set(folds[fold].tolist())
     train = [r for i, r in enumerate(recs) if i not in val]
     return train, [r for i, r in enumerate(recs) if i in val]
+
+
+# -------------------------------------------------------------------------------------- MRBrainS18
+
+#: MRBrainS18 modalities in medjax's channel order, read from ``pre/reg_T1``, ``pre/reg_IR`` and
+#: ``pre/FLAIR`` (T1 and IR registered to the FLAIR grid, on which ``segm.nii.gz`` is drawn).
+MRBRAINS18_MODALITIES = ("T1", "IR", "FLAIR")
+_MRBRAINS18_FILES = ("reg_T1", "reg_IR", "FLAIR")
+#: The challenge's raw ``segm.nii.gz`` labels.
+MRBRAINS18_LABELS = {
+    0: "background",
+    1: "cortical gray matter",
+    2: "basal ganglia",
+    3: "white matter",
+    4: "white matter lesions",
+    5: "cerebrospinal fluid in the extracerebral space",
+    6: "ventricles",
+    7: "cerebellum",
+    8: "brain stem",
+    9: "infarction",
+    10: "other",
+}
+#: 9 classes: the 8 structures the challenge evaluates keep their ids 1-8; 9 (infarction) and
+#: 10 (other) become background 0, as the organisers' evaluation.py (hjkuijf/MRBrainS18) masks
+#: them out of both the reference and the result before scoring labels 1-8.
+MRBRAINS18_LABEL_MAP_9 = {**{v: v for v in range(9)}, 9: 0, 10: 0}
+MRBRAINS18_CLASSES_9 = (
+    "background",
+    "cortical GM",
+    "basal ganglia",
+    "WM",
+    "WM lesions",
+    "CSF",
+    "ventricles",
+    "cerebellum",
+    "brain stem",
+)
+#: 4 classes: 1 CSF = {5 extracerebral CSF, 6 ventricles}, 2 GM = {1 cortical GM, 2 basal ganglia},
+#: 3 WM = {3 WM, 4 WM lesions}; 7 cerebellum, 8 brain stem, 9 and 10 -> background 0 (MRBrainS13's
+#: three-tissue labels, which MedicalZooPytorch's "mrbrains4" groups the same way).
+MRBRAINS18_LABEL_MAP_4 = {0: 0, 1: 2, 2: 2, 3: 3, 4: 3, 5: 1, 6: 1, 7: 0, 8: 0, 9: 0, 10: 0}
+MRBRAINS18_CLASSES_4 = ("background", "CSF", "GM", "WM")
+
+
+def mrbrains18_records(root, *, classes: int = 9) -> list[dict]:
+    """Returns MRBrainS18 records (``<id>/pre/{reg_T1,reg_IR,FLAIR}.nii.gz`` + ``<id>/segm.nii.gz``).
+
+    ``root`` holds one folder per subject (ids such as "1", "14", "070", kept as written, in natural
+    order); a folder counts as a subject when it has ``pre/`` or a ``segm`` file. ``image`` is
+    ``[reg_T1, reg_IR, FLAIR]``, so the channels are :data:`MRBRAINS18_MODALITIES` (T1, IR, FLAIR,
+    MedicalZooPytorch's order); ``label`` is ``segm.nii.gz`` or None. ``classes`` picks
+    ``meta["label_map"]`` over the raw labels 0-10 (:data:`MRBRAINS18_LABELS`):
+
+    * 9: :data:`MRBRAINS18_LABEL_MAP_9` -> :data:`MRBRAINS18_CLASSES_9`, the challenge's 8 evaluated
+      structures plus background; infarction (9) and other (10) become background, as the
+      challenge's evaluation masks them out of the reference and of the result.
+    * 4: :data:`MRBRAINS18_LABEL_MAP_4` -> :data:`MRBRAINS18_CLASSES_4` (background, CSF, GM, WM):
+      CSF = 5 + 6, GM = 1 + 2, WM = 3 + 4, and 7-10 background, as MRBrainS13's tissue labels.
+      MedicalZooPytorch groups 1+2, 3+4 and 5+6 alike but numbers them GM 1, WM 2, CSF 3 (against
+      its own class names Air, CSF, GM, WM) and leaves 7-10 unmapped; medjax follows the names.
+
+    ``meta`` has ``dataset`` ("mrbrains18"), ``modalities``, ``classes`` (names) and ``label_map``.
+    """
+    root = _root(root)
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes not in (9, 4):
+        raise ValueError(f"classes: expected 9 or 4, got {classes!r}")
+    label_map, names = (
+        (MRBRAINS18_LABEL_MAP_9, MRBRAINS18_CLASSES_9)
+        if classes == 9
+        else (MRBRAINS18_LABEL_MAP_4, MRBRAINS18_CLASSES_4)
+    )
+    records = []
+    for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+        seg = _find_nii(d, "segm")
+        if not (d / "pre").is_dir() and seg is None:
+            continue
+        images = []
+        for mod, stem in zip(MRBRAINS18_MODALITIES, _MRBRAINS18_FILES, strict=True):
+            f = _find_nii(d / "pre", stem)
+            if f is None:
+                raise DataFileNotFoundError(
+                    f"{d / 'pre' / (stem + '.nii.gz')}: file not found (MRBrainS18 subject "
+                    f"{d.name} lacks its {mod} image)"
+                )
+            images.append(f)
+        meta = {
+            "dataset": "mrbrains18",
+            "modalities": list(MRBRAINS18_MODALITIES),
+            "classes": names,
+            "label_map": dict(label_map),
+        }
+        records.append(_record(d.name, images, seg, meta))
+    if not records:
+        raise DataFileNotFoundError(
+            f"root: no MRBrainS18 subjects (<id>/pre/ or <id>/segm.nii.gz) found under {root}"
+        )
+    return records
+
+
+# ------------------------------------------------------------------- partially labelled datasets
+
+#: Label names (whole names, case-insensitive) that the default rule merges into a dataset's organ.
+_TUMOUR_NAMES = frozenset(
+    w + s for w in ("cancer", "tumour", "tumor", "lesion", "cyst") for s in ("", "s")
+)
+#: KiTS19 ``case_NNNNN/segmentation.nii.gz`` values.
+_KITS19_LABELS = {0: "background", 1: "kidney", 2: "tumor"}
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(name.split()).lower()
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers keys given twice with different values."""
+
+    conflicts: list
+
+
+def _json_object(pairs) -> _JsonObject:
+    obj = _JsonObject()
+    obj.conflicts = []
+    for k, v in pairs:
+        if k in obj and obj[k] != v:
+            obj.conflicts.append((k, obj[k], v))
+        obj[k] = v
+    return obj
+
+
+def _msd_labels(js_path: pathlib.Path, where: str) -> dict[int, str]:
+    """``{value: name}`` of a dataset.json's ``labels`` map, validated (one name per value and back)."""
+    try:
+        js = json.loads(js_path.read_text(), object_pairs_hook=_json_object)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{where}: invalid JSON: {e}") from e
+    if not isinstance(js, Mapping) or "labels" not in js:
+        raise DataFileError(f"{where}: missing key 'labels'")
+    raw = js["labels"]
+    if not isinstance(raw, Mapping):
+        raise DataFileError(
+            f"{where}: 'labels' must be an object {{value: name}}, got {type(raw).__name__} {raw!r}"
+        )
+    if raw.conflicts:
+        k, a, b = raw.conflicts[0]
+        raise DataFileError(f"{where}: label value {k!r} is given twice, as {a!r} and {b!r}")
+    labels: dict[int, str] = {}
+    by_name: dict[str, int] = {}
+    for k, name in raw.items():
+        if not re.fullmatch(r"\s*\d+\s*", k):
+            raise DataFileError(
+                f"{where}: label value {k!r} (named {name!r}) is not a non-negative integer"
+            )
+        v = int(k)
+        if not isinstance(name, str) or not name.strip():
+            raise DataFileError(f"{where}: label {k!r} must be named by a string, got {name!r}")
+        if v in labels:
+            raise DataFileError(
+                f"{where}: label value {v} is given twice, as {labels[v]!r} and {name!r}"
+            )
+        key = _norm_name(name)
+        if key in by_name:
+            raise DataFileError(
+                f"{where}: label name {name!r} is given twice, for values {by_name[key]} and {v}"
+            )
+        labels[v], by_name[key] = name, v
+    return labels
+
+
+def _kits_records(root: pathlib.Path, split: str) -> list[dict]:
+    cases = sorted(
+        (d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"case_\d+", d.name)),
+        key=lambda d: _natural_key(d.name),
+    )
+    if not cases:
+        raise DataFileNotFoundError(
+            f"{root}: dataset {root.name}: neither a dataset.json nor KiTS19 case_NNNNN folders"
+        )
+    meta = {"modality": ["CT"], "labels": dict(_KITS19_LABELS)}
+    records = []
+    for d in cases:
+        img, seg = _find_nii(d, "imaging"), _find_nii(d, "segmentation")
+        if img is None:
+            raise DataFileNotFoundError(
+                f"{d / 'imaging.nii.gz'}: dataset {root.name}: KiTS case {d.name} has no imaging file"
+            )
+        if (seg is not None) == (split == "training"):
+            records.append(_record(d.name, [img], seg, dict(meta)))
+    return records
+
+
+def _check_rename(rename, folders: Sequence[str]) -> dict[str, dict[str, str | None]]:
+    if rename is None:
+        return {}
+    expected = "{dataset folder name or '*': {label name: new name or None}}"
+    if not isinstance(rename, Mapping):
+        raise ValueError(f"rename: expected {expected}, got {type(rename).__name__}")
+    out = {}
+    for ds, names in rename.items():
+        if ds != "*" and ds not in folders:
+            raise ValueError(
+                f"rename: key {ds!r} is neither '*' nor a dataset folder name ({list(folders)})"
+            )
+        if not isinstance(names, Mapping):
+            raise ValueError(f"rename[{ds!r}]: expected {expected}, got {type(names).__name__}")
+        inner: dict[str, str | None] = {}
+        for old, new in names.items():
+            if not isinstance(old, str) or not old.strip():
+                raise ValueError(f"rename[{ds!r}]: expected label names as keys, got {old!r}")
+            if _norm_name(old) == "background":
+                raise ValueError(f"rename[{ds!r}]: 'background' cannot be renamed")
+            if new is not None and (not isinstance(new, str) or not new.strip()):
+                raise ValueError(
+                    f"rename[{ds!r}][{old!r}]: expected a label name or None, got {new!r}"
+                )
+            new = None if new is None else _norm_name(new)
+            inner[_norm_name(old)] = None if new == "background" else new
+        out[ds] = inner
+    return out
+
+
+def _unified_names(labels: Mapping[int, str], rename, folder: str, where: str) -> dict[int, str]:
+    """raw value -> unified name ("background" for class 0) of one dataset."""
+    specific, common = rename.get(folder, {}), rename.get("*", {})
+    keys = {v: _norm_name(n) for v, n in labels.items()}
+    unknown = sorted(set(specific) - set(keys.values()))
+    if unknown:
+        raise ValueError(
+            f"rename[{folder!r}]: {unknown} are not labels of {where} (its labels: "
+            f"{sorted(keys.values())})"
+        )
+    if "background" not in keys.values():
+        raise DataFileError(f"{where}: no label is named 'background' (labels {dict(labels)})")
+    names: dict[int, str] = {}
+    tumours = []
+    for v in sorted(keys):
+        key = keys[v]
+        if key == "background":
+            names[v] = key
+        elif key in specific or key in common:
+            new = specific[key] if key in specific else common[key]
+            names[v] = "background" if new is None else new
+        elif key in _TUMOUR_NAMES:
+            tumours.append(v)
+        else:
+            names[v] = key
+    organs = list(dict.fromkeys(n for n in names.values() if n != "background"))
+    if tumours and len(organs) != 1:
+        found = [labels[v] for v in tumours]
+        has = f"several organs {organs}" if organs else "no organ"
+        raise ValueError(
+            f"{where}: labels {found} are tumour-like, but the dataset labels {has}, so there is "
+            f"no single organ to merge them into: say what they become with rename="
+            f"{{{folder!r}: {{{labels[tumours[0]]!r}: <an organ, a new class name or None>}}}}"
+        )
+    for v in tumours:
+        names[v] = organs[0]
+    if not organs:
+        raise DataFileError(f"{where}: annotates no organ (only background; labels {dict(labels)})")
+    return {v: names[v] for v in sorted(names)}
+
+
+def partial_label_records(
+    roots: Sequence[str | os.PathLike],
+    *,
+    rename: Mapping[str, Mapping[str, str | None]] | None = None,
+    split: str = "training",
+) -> tuple[list[dict], tuple[str, ...]]:
+    """Returns ``(records, classes)`` of several partially labelled datasets with unified labels.
+
+    Each root is a Medical Segmentation Decathlon folder (``dataset.json``, read by
+    :func:`decathlon_records`, whose ``labels`` map ``{"value": "name"}`` names its structures) or,
+    without ``dataset.json``, a KiTS19 folder (``case_NNNNN/imaging.nii.gz`` and, for training,
+    ``segmentation.nii.gz``; labels 0 background, 1 kidney, 2 tumor; ``split="test"`` takes the cases
+    without a segmentation). Labels are unified by name (case-insensitive, whitespace stripped and
+    collapsed, so "Liver " and "liver" agree) whatever their values: ``classes`` is ``("background",
+    *organ names in order of first appearance over roots and, within a root, by raw value)``, the
+    names lower-cased. Records come in ``roots`` order and keep their case ids.
+
+    ``rename`` ``{folder name or "*": {label name: new name or None}}`` (the folder's entry first,
+    then ``"*"``) renames labels before unification, to merge structures (several names to one) or
+    drop them (None: the voxels become background, the class does not exist). Without an entry,
+    the default rule merges a tumour-like label (whole name "cancer", "tumour", "tumor", "lesion" or
+    "cyst", or their plurals) into the dataset's organ when it labels exactly one organ (an organ
+    segmentation includes its tumours: Task03_Liver's "cancer" joins "liver", KiTS's "tumor"
+    "kidney"); with several organs (or none) it raises, asking for ``rename``. To keep tumours as
+    classes of their own, name them: ``rename={"Task03_Liver": {"cancer": "liver tumour"}}``
+    (or ``{"*": {"cancer": "cancer"}}`` for one shared class). The rule goes by name only: check
+    datasets such as Task08_HepaticVessel, whose "Tumour" (of the liver) would join "vessel".
+
+    Each record's ``meta`` gains:
+
+    * ``dataset``: the folder name; ``classes``: the unified names;
+    * ``label_map``: ``{raw value: class id}`` over the values the dataset names, applied by
+      :func:`load_record`, which raises :class:`DataFileError` naming the file and any value the
+      dataset does not name;
+    * ``annotated``: ``len(classes)`` bools. ``annotated[c]`` (c >= 1): the dataset labels class c,
+      so its voxels labelled c are c and no other voxel is. ``annotated[0]`` (background) is True
+      only when the dataset labels every foreground class: elsewhere a voxel labelled 0 may be an
+      unannotated organ. So ``~annotated[label]`` is the mask of uncertain voxels (co-training's
+      region mask), and per-class losses or metrics may skip every class with ``annotated`` False.
+      Pass these as :func:`medjax.data.pipeline.make_mixed_iterator`'s ``class_masks``, one source
+      per dataset.
+
+    Raises :class:`DataFileError` (a ``ValueError``) naming the folder and file for a malformed
+    ``labels`` map (not an object, a value that is not a non-negative integer, one value or one name
+    given twice, no "background"), a dataset that annotates no organ or has no ``split`` cases, and
+    ``ValueError`` for an empty ``roots``, repeated folder names or a bad ``rename``.
+    """
+    if isinstance(roots, str | os.PathLike):
+        raise ValueError(
+            f"roots: expected a list of dataset folders, got the single path {roots!r}"
+        )
+    roots = [_root(r) for r in roots]
+    if not roots:
+        raise ValueError("roots: expected at least one dataset folder, got none")
+    if split not in ("training", "test"):
+        raise ValueError(f"split: expected 'training' or 'test', got {split!r}")
+    folders = [r.name for r in roots]
+    if len(set(folders)) != len(folders):
+        dup = sorted({f for f in folders if folders.count(f) > 1})
+        raise ValueError(f"roots: dataset folder names must differ (they name datasets), got {dup}")
+    rename = _check_rename(rename, folders)
+    datasets = []
+    for root in roots:
+        js_path = root / "dataset.json"
+        if js_path.is_file():
+            where = f"{js_path}: dataset {root.name}"
+            labels = _msd_labels(js_path, where)
+            recs = decathlon_records(root, split=split)
+        else:
+            where = f"{root}: dataset {root.name} (KiTS19 layout)"
+            labels = dict(_KITS19_LABELS)
+            recs = _kits_records(root, split)
+        names = _unified_names(labels, rename, root.name, where)
+        if not recs:
+            raise DataFileError(f"{where}: no {split} cases")
+        datasets.append((root.name, names, recs))
+    classes = list(
+        dict.fromkeys(["background", *(n for _, ns, _ in datasets for n in ns.values())])
+    )
+    classes = tuple(classes)
+    records = []
+    for folder, names, recs in datasets:
+        label_map = {v: classes.index(n) for v, n in names.items()}
+        annotated = [c in label_map.values() for c in range(len(classes))]
+        annotated[0] = all(annotated[1:])
+        for r in recs:
+            meta = {
+                **r["meta"],
+                "dataset": folder,
+                "classes": classes,
+                "label_map": dict(label_map),
+                "annotated": list(annotated),
+            }
+            records.append({**r, "meta": meta})
+    return records, classes
