@@ -39,6 +39,8 @@ KINDS = {
     "prelu": (("weight", "params", "negative_slope", "prelu"),),
 }
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
+# kinds whose weight must be present (a norm without affine parameters has only statistics)
+_WEIGHT_REQUIRED = ("conv", "conv_transpose", "linear", "prelu")
 
 
 def read_state_dict(path_or_state_dict, *, strip_prefix: str = "module.") -> dict[str, np.ndarray]:
@@ -142,6 +144,9 @@ def convert(state_dict, spec: Sequence[tuple[str, str, str]], template=None, *, 
             raise ValueError(
                 f"spec: unknown kind {kind!r} for {prefix!r}; expected one of {sorted(KINDS)}"
             )
+        first = f"{prefix}.{KINDS[kind][0][0]}" if prefix else KINDS[kind][0][0]
+        if kind in _WEIGHT_REQUIRED and first not in sd:
+            raise ValueError(f"{name} checkpoint: missing key {first} (for {flax_path})")
         found = False
         for suffix, collection, leaf, layout in KINDS[kind]:
             key = f"{prefix}.{suffix}" if prefix else suffix
