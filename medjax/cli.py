@@ -3,10 +3,13 @@
     medjax train <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
     medjax eval <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
     medjax predict --workdir DIR <input files...> --out DIR
+    medjax compare <experiment> --workdir DIR [--variant NAME] [--only a,b] [--config.KEY=VALUE ...]
     medjax list [--models]
 
 Rerunning ``medjax train`` with the same work directory resumes from its latest checkpoint.
-User errors (unknown experiment, config key or work directory) print one line and exit with 2.
+User errors (unknown experiment, config key or work directory, and every ``ValueError`` raised
+while building, training, evaluating or predicting) print one line and exit with 2; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ def _parser():
         description="Train, evaluate and apply medjax experiments.",
         epilog="Config overrides: --config.KEY=VALUE (dotted keys, typed like the config's field).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{train,eval,predict,list}")
+    p.add_argument(
+        "--debug", action="store_true", help="show tracebacks instead of one-line errors"
+    )
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,predict,compare,list}")
     sub.required = True
 
     t = sub.add_parser("train", parents=[dist], help="train (or resume) an experiment")
@@ -56,6 +62,20 @@ def _parser():
     r.add_argument("inputs", nargs="+", help="input image files")
     r.add_argument("--workdir", required=True)
     r.add_argument("--out", required=True, help="output folder for the predictions")
+
+    c = sub.add_parser(
+        "compare",
+        parents=[dist],
+        help="train, evaluate and tabulate an experiment's comparison rows",
+    )
+    c.add_argument("experiment")
+    c.add_argument(
+        "--workdir",
+        required=True,
+        help="output folder (rows in WORKDIR/VARIANT/ROW); rerun to resume",
+    )
+    c.add_argument("--variant", default=None)
+    c.add_argument("--only", default="", help="comma list of row names (or their letters)")
 
     ls = sub.add_parser("list", help="list the experiments with their variants (or the models)")
     ls.add_argument(
@@ -129,17 +149,9 @@ def _resolve_config(name, variant, overrides, workdir: pathlib.Path):
 
 
 def _restore(spec, config, workdir):
-    import jax
+    from medjax.train.workdir import restore_for_eval
 
-    from medjax.train.checkpoint import abstract_state, restore_state
-    from medjax.train.mesh import make_mesh, replicated
-
-    experiment = spec.build(config)
-    mesh = make_mesh()
-    rng = jax.random.PRNGKey(int(config.seed))
-    abstract = abstract_state(experiment.init_state, replicated(mesh), rng)
-    state, step = restore_state(workdir, abstract)
-    return experiment, state, step
+    return restore_for_eval(spec, config, workdir)
 
 
 def _train(args, overrides):
@@ -166,32 +178,18 @@ def _train(args, overrides):
 
 def _eval(args, overrides):
     from medjax.train.experiment import load_experiment
+    from medjax.train.workdir import evaluate_workdir, needs_training
 
     workdir = pathlib.Path(args.workdir)
-    _existing_workdir(workdir)
     config = _resolve_config(args.experiment, args.variant, overrides, workdir)
     _init_distributed(args)
     spec = load_experiment(args.experiment)
-    experiment, state, step = _restore(spec, config, workdir)
+    if needs_training(spec.build(config)):
+        _existing_workdir(workdir)
     import jax
 
-    from medjax.train.logging import write_text_atomic
-
-    results = experiment.evaluate(state, workdir)
-    if not isinstance(results, dict):
-        raise TypeError(f"evaluate(): expected a dict, got {type(results).__name__}")
-    record = {
-        "experiment": args.experiment,
-        "variant": config.get("variant"),
-        "checkpoint_step": step,
-        **results,
-    }
-    report = experiment.report(record)
+    record, report = evaluate_workdir(spec, config, workdir)
     if jax.process_index() == 0:
-        write_text_atomic(
-            workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n"
-        )
-        write_text_atomic(workdir / "results.md", report + "\n")
         print(report)
         print(f"\nresults:     {workdir / 'results.json'} (this table: {workdir / 'results.md'})")
         figures = sorted(
@@ -200,7 +198,24 @@ def _eval(args, overrides):
         if figures:
             folders = sorted({str(p.parent) for p in figures})
             print(f"figures:     {len(figures)} PNG in {', '.join(folders)}")
-        print(f"checkpoint:  {workdir / 'checkpoints'} (step {step})")
+        print(f"checkpoint:  {workdir / 'checkpoints'} (step {record['checkpoint_step']})")
+    return 0
+
+
+def _compare(args, overrides):
+    from medjax.train.compare import compare
+    from medjax.train.experiment import load_experiment
+
+    _init_distributed(args)
+    spec = load_experiment(args.experiment)
+    compare(
+        spec,
+        args.variant,
+        pathlib.Path(args.workdir),
+        only=args.only,
+        overrides=overrides,
+        log=lambda s: print(s, flush=True),
+    )
     return 0
 
 
@@ -277,7 +292,13 @@ def _list_models():
     return 0
 
 
-_COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "list": _list}
+_COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "compare": _compare,
+    "list": _list,
+}
 
 
 def _one_line(e) -> str:
@@ -297,17 +318,18 @@ def main(argv=None) -> int:
         print("medjax: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        from medjax.train.config import ConfigError
-        from medjax.train.experiment import ExperimentNotFoundError
-
-        if isinstance(e, UsageError | ConfigError | ExperimentNotFoundError):
-            print(f"medjax: error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_USAGE
+        if args.debug:
+            raise
         from medjax.train.loop import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
             print(f"medjax: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_FAILED
+        # Usage and config errors, bad data and every ValueError of building, training,
+        # evaluating or predicting: one line (--debug shows the traceback).
+        if isinstance(e, ValueError | FileNotFoundError):
+            print(f"medjax: error: {_one_line(e)} (--debug for the traceback)", file=sys.stderr)
+            return EXIT_USAGE
         raise
 
 

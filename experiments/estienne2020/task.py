@@ -1,5 +1,9 @@
 """Estienne et al. 2020 joint registration + tumour segmentation: the medjax Experiment.
 
+What is specific to the paper lives here: the pair construction, the five model kinds and the
+near/far-tumour metrics. Statistics, reports, figures, the evaluator's per-class metrics and the
+comparison sweep come from ``medjax.evaluation`` and ``medjax.train.compare``.
+
 Data (``config.data``):
 
 - ``synthetic``: :func:`medjax.data.synthetic.brain_phantom` subjects (4 BraTS-like modalities,
@@ -7,13 +11,15 @@ Data (``config.data``):
   epoch) is the moving image, a partner drawn per epoch from the same pool is the fixed one. Test and
   validation pairs come from held-out subjects.
 - ``brats``: a BraTS 2018-2021/2023 folder (``medjax.data.datasets.brats_records``), split
-  199/26/60 (scaled to the folder size), centre crop ``brats_crop``, labels {0,1,2,4} -> {0,1,2,3}.
-  BraTS has no anatomical labels: evaluation reports tumour Dice, image MSE and deformation quality.
-- ``oasis``: a neurite-oasis folder (``OASIS_OAS1_*/aligned_{norm,seg35}.nii.gz``), registration
-  only (segmentation loss off, no mask), centre crop ``oasis_crop``; evaluation reports
-  ``anatomical_dice_before`` / ``anatomical_dice_after`` (means over test pairs and structures).
+  199/26/60 (scaled to the folder size), labels {0,1,2,4} -> {0,1,2,3}. BraTS has no anatomical
+  labels: evaluation reports tumour Dice, image MSE and deformation quality.
+- ``oasis``: a neurite-oasis folder (``OASIS_OAS1_*/aligned_norm.nii.gz`` with ``aligned_seg35`` or,
+  when a folder has none, ``aligned_seg4`` labels), registration only (segmentation loss off, no mask).
 
-Every volume is z-scored per modality (whole volume). Test pairs are (subject 2k, subject 2k+1).
+Folder volumes are centre-cropped (or padded) to ``brats_crop`` / ``oasis_crop``; when the crop is
+None (the quick variant), to the data's own size rounded up to what the network needs. Every volume
+is then z-scored per modality (:func:`preprocess`, the same in training, evaluation and predict).
+Test pairs are (subject 2k, subject 2k+1).
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ import medjax.train
 from medjax import metrics, ops
 from medjax.data import datasets, pipeline, synthetic, transforms
 from medjax.data.io import load_image, save_image
+from medjax.evaluation import figures as F
+from medjax.evaluation.report import gain_cell, markdown_table, mean_std
+from medjax.evaluation.segmentation import case_metrics
+from medjax.evaluation.stats import paired_bootstrap, summarize
 from medjax.losses import joint_loss_terms, voxelmorph_loss_terms
 from medjax.models.joint_regseg import JointRegSeg, SegmentationNet
 from medjax.models.voxelmorph import VoxelMorph
@@ -49,18 +59,6 @@ TUMOUR_CLASSES = ("ncr", "ed", "et")
 # ------------------------------------------------------------------------------------------ data
 
 
-def _rotation(angles):
-    """(3,) radians -> (3, 3): rotations about axes 0, 1, 2 in turn."""
-    out = np.eye(3)
-    for axis, a in enumerate(angles):
-        i, j = [k for k in range(3) if k != axis]
-        r = np.eye(3)
-        r[i, i] = r[j, j] = np.cos(a)
-        r[j, i], r[i, j] = np.sin(a), -np.sin(a)
-        out = r @ out
-    return out
-
-
 def subject_deformation(seed, shape, deform):
     """Smooth random displacement (*S, 3) in voxels of one synthetic subject (deterministic in seed).
 
@@ -72,13 +70,22 @@ def subject_deformation(seed, shape, deform):
     rng = np.random.default_rng([int(seed), 7919])
     angles = np.deg2rad(rng.uniform(-rot, rot, 3))
     factors = rng.uniform(1.0 - scale, 1.0 + scale, 3)
-    matrix = (_rotation(angles) * factors[None, :]).astype(np.float32)[None]
+    rotation = transforms.rotation_matrices(angles[None], 3, xp=np)[0]
+    matrix = (rotation * factors[None, :]).astype(np.float32)[None]
     translation = rng.uniform(-shift, shift, (1, 3)).astype(np.float32)
     disp = transforms.affine_displacement(matrix, translation, shape)
     if mag > 0:
         key = jax.random.key(int(rng.integers(2**31)))
         disp = disp + transforms.elastic_displacement(key, 1, shape, sigma=sigma, magnitude=mag)
     return np.asarray(disp)[0]
+
+
+def preprocess(image, shape):
+    """The one intensity/grid preprocessing: centre crop or pad to ``shape``, then z-score per modality.
+
+    ``image``: ``(*S, M)``. Training, validation, evaluation and ``predict`` all use it.
+    """
+    return transforms.zscore(transforms.crop_or_pad(image, tuple(shape))).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,166 +99,94 @@ def _phantom(seed, shape, modalities, deform=(0.0, 0.0, 0.0, 0.0, 4.0)):
         labels = np.asarray(ops.warp(labels, disp, order=0, padding="zeros"))[0]
         anatomy, tumour = np.rint(labels[..., 0]), np.rint(labels[..., 1])
     return {
-        "image": transforms.zscore(image).astype(np.float32),
+        "image": preprocess(image, shape),
         "anatomy": anatomy.astype(np.int32),
         "tumour": tumour.astype(np.int32),
     }
 
 
-def _pair(m, f, with_anatomy):
-    out = {
-        "moving": m["image"],
-        "fixed": f["image"],
-        "tumour_moving": m["tumour"],
-        "tumour_fixed": f["tumour"],
-    }
-    if with_anatomy:
-        out["anatomy_moving"] = m["anatomy"]
-        out["anatomy_fixed"] = f["anatomy"]
-    return out
+def size_factor(config):
+    """Every spatial size must be a multiple of this for the configured model."""
+    if config.model.kind == "voxelmorph":
+        return 2 ** len(config.model.vxm_enc)
+    return 2 ** (len(config.model.multipliers) - 1)
 
 
-class SyntheticData:
-    """Synthetic phantom subjects: train pool, validation and test pairs (see module docstring)."""
-
-    has_tumour = True
-
-    def __init__(self, config):
-        s = config.synthetic
-        self.shape = tuple(int(v) for v in s.shape)
-        if s.num_modalities not in (1, 4):
-            raise ValueError(
-                f"config.synthetic.num_modalities: expected 1 or 4, got {s.num_modalities}"
-            )
-        self.modalities = synthetic.MODALITIES if s.num_modalities == 4 else ("t1",)
-        self.n_modalities = len(self.modalities)
-        self.n_anatomy = len(synthetic.ANATOMY_LABELS)
-        self.anatomy_names = [synthetic.ANATOMY_LABELS[i] for i in range(1, self.n_anatomy)]
-        base = int(s.seed)
-        self.train_seeds = [base + i for i in range(int(s.num_train))]
-        self.val_seeds = [base + 100_000 + i for i in range(4)]
-        self.test_seeds = [base + 200_000 + i for i in range(2 * int(s.num_test_pairs))]
-        self.deform = (
-            float(s.rotation),
-            float(s.scale),
-            float(s.translation),
-            float(s.elastic),
-            float(s.elastic_sigma),
+def check_shape(shape, factor, name):
+    """``shape`` as a tuple, or ``ValueError`` naming the nearest valid one (multiples of ``factor``)."""
+    shape = tuple(int(s) for s in shape)
+    if any(s % factor for s in shape):
+        nearest = tuple(max(factor, int(np.floor(s / factor + 0.5)) * factor) for s in shape)
+        raise ValueError(
+            f"{name}: expected sizes divisible by {factor} for this network, got {shape}; the "
+            f"nearest valid crop is {nearest}"
         )
+    return shape
 
-    def subject(self, seed):
-        """Normalised subject dict: image (*S, M), anatomy (*S), tumour (*S)."""
-        return _phantom(int(seed), self.shape, self.modalities, self.deform)
+
+def num_modalities(config):
+    """Input channels of the configured data (without reading it)."""
+    if config.data == "synthetic":
+        n = int(config.synthetic.num_modalities)
+        if n not in (1, 4):
+            raise ValueError(f"config.synthetic.num_modalities: expected 1 or 4, got {n}")
+        return n
+    return 4 if config.data == "brats" else 1
+
+
+class PairData:
+    """Subjects and the pairs drawn from them: training pool, validation and test pairs.
+
+    Subclasses define ``subject(item) -> {"image", "anatomy", "tumour"}`` and the item lists
+    ``train``, ``val`` and ``test``.
+    """
+
+    train: list
+    val: list
+    test: list
+    has_tumour: bool
+    n_anatomy: int | None
+
+    def subject(self, item):
+        raise NotImplementedError
+
+    def pair(self, m_item, f_item, with_anatomy):
+        """The pair dict of two subjects: moving/fixed images and their labels."""
+        m, f = self.subject(m_item), self.subject(f_item)
+        out = {
+            "moving": m["image"],
+            "fixed": f["image"],
+            "tumour_moving": m["tumour"],
+            "tumour_fixed": f["tumour"],
+        }
+        if with_anatomy:
+            out["anatomy_moving"] = m["anatomy"]
+            out["anatomy_fixed"] = f["anatomy"]
+        return out
 
     def train_source(self):
-        """(source over moving subjects, transform drawing the fixed partner per epoch)."""
-        seeds = self.train_seeds
-
-        def moving(i):
-            return {"index": np.int64(i)}
+        """(source over moving subjects, transform drawing a different fixed partner per epoch)."""
+        items = self.train
 
         def transform(rec, rng):
             i = int(rec["index"])
-            j = int(rng.integers(len(seeds) - 1))
+            j = int(rng.integers(len(items) - 1))
             j = j + 1 if j >= i else j  # a different subject
-            return _pair(self.subject(seeds[i]), self.subject(seeds[j]), False)
+            return self.pair(items[i], items[j], False)
 
-        return pipeline.FunctionSource(len(seeds), moving), transform
+        source = pipeline.FunctionSource(len(items), lambda i: {"index": np.int64(i)})
+        return source, transform
 
-    def _pairs(self, seeds, with_anatomy=True):
-        for k in range(len(seeds) // 2):
-            yield _pair(self.subject(seeds[2 * k]), self.subject(seeds[2 * k + 1]), with_anatomy)
-
-    def val_pairs(self):
-        """Iterator of validation pair dicts."""
-        return self._pairs(self.val_seeds, False)
-
-    def test_pairs(self):
-        """Iterator of test pair dicts (with anatomy labels)."""
-        return self._pairs(self.test_seeds, True)
-
-    @property
-    def num_test_pairs(self):
-        return len(self.test_seeds) // 2
-
-
-class FolderData:
-    """BraTS or OASIS folder data (records loaded on demand, centre-cropped, z-scored)."""
-
-    def __init__(self, config):
-        kind = config.data
-        root = config.data_dir
-        if not root:
-            raise ValueError(f"config.data_dir: expected a {kind} folder for data={kind!r}, got ''")
-        if kind == "brats":
-            records = datasets.brats_records(root)
-            self.shape = tuple(int(v) for v in config.brats_crop)
-            self.has_tumour, self.n_anatomy, self.n_modalities = True, None, 4
-            self.anatomy_names = []
-            fr = np.asarray(config.brats_split, np.float64)
-        else:
-            records = datasets.oasis_records(root)
-            self.shape = tuple(int(v) for v in config.oasis_crop)
-            self.has_tumour, self.n_modalities = False, 1
-            self.n_anatomy = len(records[0]["meta"]["label_map"])
-            self.anatomy_names = [f"label {i}" for i in range(1, self.n_anatomy)]
-            fr = np.asarray((0.7, 0.1, 0.2))
-        n = len(records)
-        if n < 4:
-            raise ValueError(f"config.data_dir: expected at least 4 {kind} subjects, got {n}")
-        n_test = max(2, int(round(fr[2] / fr.sum() * n)))
-        n_val = max(1, int(round(fr[1] / fr.sum() * n))) if n >= 8 else 0
-        n_train = n - n_test - n_val
-        self.train, self.val, self.test = datasets.split(
-            records, (n_train / n, n_val / n, n_test / n), seed=int(config.seed)
-        )
-        self.test = self.test[: 2 * int(config.max_test_pairs)]
-        if len(self.train) < 2:
-            raise ValueError(
-                f"config.data_dir: expected >= 2 training subjects, got {len(self.train)}"
-            )
-
-    def subject(self, record):
-        """Normalised subject dict from a record: image (*S, M), anatomy or tumour (*S)."""
-        image, label, _ = datasets.load_record(record)
-        if image.shape[-1] != self.n_modalities:
-            raise ValueError(
-                f"{record['id']}: expected {self.n_modalities} modalities, got {image.shape[-1]}"
-            )
-        image = transforms.zscore(transforms.crop_or_pad(image, self.shape)).astype(np.float32)
-        lab = np.zeros(self.shape, np.int32)
-        if label is not None:
-            lab = transforms.crop_or_pad(label, self.shape).astype(np.int32)
-        zeros = np.zeros(self.shape, np.int32)
-        if self.has_tumour:
-            return {"image": image, "tumour": lab, "anatomy": zeros}
-        return {"image": image, "tumour": zeros, "anatomy": lab}
-
-    def train_source(self):
-        """(source over moving records, transform loading a random fixed partner)."""
-        recs = self.train
-
-        def moving(i):
-            return {"index": np.int64(i)}
-
-        def transform(rec, rng):
-            i = int(rec["index"])
-            j = int(rng.integers(len(recs) - 1))
-            j = j + 1 if j >= i else j
-            return _pair(self.subject(recs[i]), self.subject(recs[j]), False)
-
-        return pipeline.FunctionSource(len(recs), moving), transform
-
-    def _pairs(self, recs, with_anatomy):
-        for k in range(len(recs) // 2):
-            yield _pair(self.subject(recs[2 * k]), self.subject(recs[2 * k + 1]), with_anatomy)
+    def _pairs(self, items, with_anatomy):
+        for k in range(len(items) // 2):
+            yield self.pair(items[2 * k], items[2 * k + 1], with_anatomy)
 
     def val_pairs(self):
         """Iterator of validation pair dicts."""
         return self._pairs(self.val, False)
 
     def test_pairs(self):
-        """Iterator of test pair dicts (anatomy labels where the dataset has them)."""
+        """Iterator of test pair dicts (with anatomy labels where the data has them)."""
         return self._pairs(self.test, self.n_anatomy is not None)
 
     @property
@@ -259,10 +194,122 @@ class FolderData:
         return len(self.test) // 2
 
 
-def optimise_pair(moving, fixed, *, steps, lr, lam):
+class SyntheticData(PairData):
+    """Synthetic phantom subjects (see the module docstring)."""
+
+    has_tumour = True
+
+    def __init__(self, config):
+        s = config.synthetic
+        self.shape = check_shape(s.shape, size_factor(config), "config.synthetic.shape")
+        self.modalities = synthetic.MODALITIES if num_modalities(config) == 4 else ("t1",)
+        self.n_anatomy = len(synthetic.ANATOMY_LABELS)
+        self.anatomy_names = [synthetic.ANATOMY_LABELS[i] for i in range(1, self.n_anatomy)]
+        base = int(s.seed)
+        self.train = [base + i for i in range(int(s.num_train))]
+        self.val = [base + 100_000 + i for i in range(4)]
+        self.test = [base + 200_000 + i for i in range(2 * int(s.num_test_pairs))]
+        self.deform = tuple(
+            float(v) for v in (s.rotation, s.scale, s.translation, s.elastic, s.elastic_sigma)
+        )
+
+    def subject(self, item):
+        """Normalised subject dict: image (*S, M), anatomy (*S), tumour (*S)."""
+        return _phantom(int(item), self.shape, self.modalities, self.deform)
+
+
+def _split_sizes(n, fractions, with_validation):
+    """(train, val, test) subject counts: >= 2 test subjects and, with validation, >= 2 val ones."""
+    fr = np.asarray(fractions, np.float64) / np.sum(fractions)
+    n_test = max(2, int(round(fr[2] * n)))
+    n_val = max(2, int(round(fr[1] * n))) if with_validation else 0
+    return n - n_test - n_val, n_val, n_test
+
+
+class FolderData(PairData):
+    """BraTS or OASIS folder data (records loaded on demand, cropped, z-scored)."""
+
+    def __init__(self, config, *, log=print):
+        kind, root = config.data, config.data_dir
+        if not root:
+            raise ValueError(f"config.data_dir: expected a {kind} folder for data={kind!r}, got ''")
+        if kind == "brats":
+            records = datasets.brats_records(root)
+            crop, name = config.brats_crop, "config.brats_crop"
+            self.has_tumour, self.n_anatomy, self.n_modalities = True, None, 4
+            fractions = config.brats_split
+        else:
+            seg = (
+                "seg35"
+                if any(pathlib.Path(root).glob("OASIS_OAS1_*/aligned_seg35.nii*"))
+                else "seg4"
+            )
+            records = datasets.oasis_records(root, seg=seg)
+            crop, name = config.oasis_crop, "config.oasis_crop"
+            self.has_tumour, self.n_modalities = False, 1
+            labelled = [r for r in records if r["label"] is not None]
+            self.n_anatomy = len(records[0]["meta"]["label_map"]) if labelled else None
+            log(
+                f"estienne2020: OASIS labels from aligned_{seg} files ({len(labelled)} of {len(records)} subjects)"
+            )
+            fractions = (0.7, 0.1, 0.2)
+        self.anatomy_names = [f"label {i}" for i in range(1, self.n_anatomy or 1)]
+        n = len(records)
+        with_val = bool(config.eval_every)
+        if n < (6 if with_val else 4):
+            raise ValueError(
+                f"config.data_dir: expected at least {6 if with_val else 4} {kind} subjects "
+                f"({'with' if with_val else 'without'} validation), got {n}"
+            )
+        sizes = _split_sizes(n, fractions, with_val)
+        if sizes[0] < 2:
+            raise ValueError(
+                f"config.data_dir: {n} {kind} subjects leave {sizes[0]} for training after "
+                f"{sizes[1]} validation and {sizes[2]} test subjects; expected >= 2"
+            )
+        self.train, self.val, self.test = datasets.split(
+            records, tuple(s / n for s in sizes), seed=int(config.seed)
+        )
+        self.test = self.test[: 2 * int(config.max_test_pairs)]
+        factor = size_factor(config)
+        if crop is None:
+            native = load_image(records[0]["image"][0]).spatial_shape
+            crop = tuple(-(-int(s) // factor) * factor for s in native)
+            log(
+                f"estienne2020: {name} not set; using the data's size {native} rounded up to {crop}"
+            )
+        self.shape = check_shape(crop, factor, name)
+
+    def subject(self, item):
+        """Normalised subject dict from a record: image (*S, M), anatomy or tumour (*S)."""
+        image, label, _ = datasets.load_record(item)
+        if image.shape[-1] != self.n_modalities:
+            raise ValueError(
+                f"{item['id']}: expected {self.n_modalities} modalities, got {image.shape[-1]}"
+            )
+        lab = np.zeros(self.shape, np.int32)
+        if label is not None:
+            lab = transforms.crop_or_pad(label, self.shape).astype(np.int32)
+        zeros = np.zeros(self.shape, np.int32)
+        image = preprocess(image, self.shape)
+        if self.has_tumour:
+            return {"image": image, "tumour": lab, "anatomy": zeros}
+        return {"image": image, "tumour": zeros, "anatomy": lab}
+
+
+def make_data(config):
+    """The data object of ``config.data`` (synthetic | brats | oasis)."""
+    if config.data not in DATASETS:
+        raise ValueError(f"config.data: expected one of {DATASETS}, got {config.data!r}")
+    if config.data == "synthetic":
+        return SyntheticData(config)
+    return FolderData(config)
+
+
+def optimise_pair(moving, fixed, *, steps, lr, lam, init=None):
     """Classical per-pair registration, the reference no network is trained for.
 
-    Adam on a free displacement field (B, *S, 3), from zero, minimising
+    Adam on a free displacement field (B, *S, 3), from ``init`` (zero by default), minimising
     ``mse(warp(moving, u), fixed) + lam * ||grad u||^2`` for ``steps`` iterations (jit-friendly).
     """
     import optax
@@ -280,18 +327,10 @@ def optimise_pair(moving, fixed, *, steps, lr, lam):
         updates, opt = tx.update(grads, opt, u)
         return optax.apply_updates(u, updates), opt
 
-    u = jnp.zeros(moving.shape[:-1] + (moving.ndim - 2,), jnp.float32)
-    u, _ = jax.lax.fori_loop(0, steps, body, (u, tx.init(u)))
+    if init is None:
+        init = jnp.zeros(moving.shape[:-1] + (moving.ndim - 2,), jnp.float32)
+    u, _ = jax.lax.fori_loop(0, steps, body, (init, tx.init(init)))
     return u
-
-
-def make_data(config):
-    """The data object of ``config.data`` (synthetic | brats | oasis)."""
-    if config.data not in DATASETS:
-        raise ValueError(f"config.data: expected one of {DATASETS}, got {config.data!r}")
-    if config.data == "synthetic":
-        return SyntheticData(config)
-    return FolderData(config)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -333,29 +372,7 @@ def _dice_mean(pred, target, num_classes, region=None):
     if region is not None:
         pred = np.where(region, pred, 0)
         target = np.where(region, target, 0)
-    d = np.asarray(metrics.dice(pred[None], target[None], num_classes=num_classes))[0]
-    return float(np.nanmean(d)) if np.any(np.isfinite(d)) else float("nan")
-
-
-def paired_gain(before, after, *, resamples=10_000, seed=0):
-    """Paired change ``after - before`` over test pairs: mean, 95 % bootstrap CI, pairs improved.
-
-    The pairs differ far more from each other than a model changes them, so the paired change (not
-    the two means and their spreads) says whether registration helped. Deterministic in ``seed``.
-    Returns ``{"mean", "ci95": [lo, hi], "improved", "n"}``, or None for fewer than 2 pairs.
-    """
-    d = np.asarray(after, np.float64) - np.asarray(before, np.float64)
-    d = d[np.isfinite(d)]
-    if d.size < 2:
-        return None
-    idx = np.random.default_rng(seed).integers(0, d.size, (resamples, d.size))
-    lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
-    return {
-        "mean": float(d.mean()),
-        "ci95": [float(lo), float(hi)],
-        "improved": int((d > 0).sum()),
-        "n": int(d.size),
-    }
+    return case_metrics(pred, target, num_classes=num_classes, surface=False)["mean_dice"]
 
 
 def _class_names(n_classes):
@@ -365,12 +382,18 @@ def _class_names(n_classes):
     return tuple(f"class{c}" for c in range(1, n_classes))
 
 
-def _stats(values):
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std())
+def tumour_dice(probs, truth, n_classes):
+    """``{"tumour_dice_<class>": ..., "tumour_dice_whole": ...}`` of one tumour segmentation."""
+    pred = np.argmax(probs, axis=-1).astype(np.int32)
+    m = case_metrics(
+        pred, truth, num_classes=n_classes, class_names=_class_names(n_classes), surface=False
+    )
+    out = {f"tumour_{k}": v for k, v in m.items() if k.startswith("dice_")}
+    whole = case_metrics(
+        (pred > 0).astype(np.int32), (truth > 0).astype(np.int32), num_classes=2, surface=False
+    )
+    out["tumour_dice_whole"] = whole["mean_dice"]
+    return out
 
 
 class Experiment(medjax.train.Experiment):
@@ -381,52 +404,71 @@ class Experiment(medjax.train.Experiment):
 
     def __init__(self, config):
         super().__init__(config)
-        self.data = make_data(config)
         self.kind = config.model.kind
-        self.model = build_model(config, self.data.n_modalities)
-        self.beta = float(config.loss.beta) if self.data.has_tumour else 0.0
-        self.masked = bool(config.model.masked) and self.data.has_tumour
-        if self.kind == "segonly" and not self.data.has_tumour:
+        self.n_modalities = num_modalities(config)
+        self.model = build_model(config, self.n_modalities)
+        self.has_tumour = config.data != "oasis"
+        self.beta = float(config.loss.beta) if self.has_tumour else 0.0
+        self.masked = bool(config.model.masked) and self.has_tumour
+        if self.kind == "segonly" and not self.has_tumour:
             raise ValueError(
                 f"config.model.kind: 'segonly' needs tumour labels, but data={config.data!r} has none"
-            )
-        factor = 2 ** (len(config.model.multipliers) - 1)
-        if self.kind == "voxelmorph":
-            factor = 2 ** len(config.model.vxm_enc)
-        if any(s % factor for s in self.data.shape):
-            raise ValueError(
-                f"volume shape: expected sizes divisible by {factor} for model {self.kind!r}, "
-                f"got {self.data.shape}"
             )
         self._step = supervised_step(self._loss_fn)
         self._forward_jit = jax.jit(self._forward)
 
+    @property
+    def needs_training(self):
+        """False for the ``identity`` and ``optimise`` kinds (evaluated without a checkpoint)."""
+        return self.kind not in UNTRAINED
+
+    @functools.cached_property
+    def data(self):
+        """The data (built on first use: ``predict`` needs no training folder)."""
+        return make_data(self.config)
+
     # ---------------------------------------------------------------- training
 
     def init_state(self, rng):
-        """TrainState of the model (a dummy scalar parameter for ``identity``)."""
+        """TrainState of the model (a dummy scalar parameter for ``identity``/``optimise``).
+
+        ``rng`` initialises the parameters; the steps draw from a key folded out of it, so the two
+        never share a stream.
+        """
+        init_key = rng
+        step_key = jax.random.key_data(
+            jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(rng)), 1)
+        )
         tx = make_optimizer(self.config.optimizer)
         if self.model is None:
             return TrainState.create(
                 apply_fn=lambda *a, **k: None,
                 params={"unused": jnp.zeros((), jnp.float32)},
                 tx=tx,
-                rng=rng,
+                rng=step_key,
             )
-        x = jnp.zeros((1, *self.data.shape, self.data.n_modalities), jnp.float32)
+        shape = self.data.shape
+        x = jnp.zeros((1, *shape, self.n_modalities), jnp.float32)
         args = (x,) if self.kind == "segonly" else (x, x)
-        params = fast_init(self.model, rng, *args)["params"]
-        return TrainState.create(apply_fn=self.model.apply, params=params, tx=tx, rng=rng)
+        variables = fast_init(self.model, init_key, *args)
+        params = variables.pop("params")
+        return TrainState.create(
+            apply_fn=self.model.apply,
+            params=params,
+            tx=tx,
+            rng=step_key,
+            model_state=dict(variables),
+        )
 
-    def _loss_terms(self, params, batch):
+    def _loss_terms(self, variables, batch):
         cfg = self.config
         if self.kind == "joint":
-            out = self.model.apply({"params": params}, batch["moving"], batch["fixed"])
+            out = self.model.apply(variables, batch["moving"], batch["fixed"])
             return joint_loss_terms(
                 out, batch, masked=self.masked, alpha=float(cfg.loss.alpha), beta=self.beta
             )
         if self.kind == "voxelmorph":
-            out = self.model.apply({"params": params}, batch["moving"], batch["fixed"])
+            out = self.model.apply(variables, batch["moving"], batch["fixed"])
             return voxelmorph_loss_terms(
                 out, batch, similarity=cfg.loss.vxm_similarity, lam=float(cfg.loss.vxm_lambda)
             )
@@ -435,14 +477,13 @@ class Experiment(medjax.train.Experiment):
 
             x = jnp.concatenate([batch["moving"], batch["fixed"]], axis=0)
             y = jnp.concatenate([batch["tumour_moving"], batch["tumour_fixed"]], axis=0)
-            ce = cross_entropy(self.model.apply({"params": params}, x)["logits"], y)
+            ce = cross_entropy(self.model.apply(variables, x)["logits"], y)
             return {"loss": ce, "seg": ce}
-        zero = 0.0 * params["unused"]
-        return {"loss": zero}
+        return {"loss": 0.0 * variables["params"]["unused"]}
 
     def _loss_fn(self, params, model_state, batch, rng, rest):
         del rng, rest
-        terms = self._loss_terms(params, batch)
+        terms = self._loss_terms({"params": params, **model_state}, batch)
         return terms["loss"], ({k: v for k, v in terms.items() if k != "loss"}, model_state)
 
     def train_step(self, state, batch):
@@ -456,15 +497,14 @@ class Experiment(medjax.train.Experiment):
 
         def checked(record, rng):
             # Cross-entropy inside the jitted step cannot raise: refuse out-of-range labels here.
-            record = transform(record, rng) if transform is not None else record
+            record = transform(record, rng)
             for key in ("tumour_moving", "tumour_fixed"):
-                if key in record:
-                    lo, hi = int(np.min(record[key])), int(np.max(record[key]))
-                    if lo < 0 or hi >= n_cls:
-                        raise ValueError(
-                            f"{key}: expected labels in [0, {n_cls}) (config.model.n_classes), "
-                            f"got values in [{lo}, {hi}]"
-                        )
+                lo, hi = int(np.min(record[key])), int(np.max(record[key]))
+                if lo < 0 or hi >= n_cls:
+                    raise ValueError(
+                        f"{key}: expected labels in [0, {n_cls}) (config.model.n_classes), "
+                        f"got values in [{lo}, {hi}]"
+                    )
             return record
 
         return pipeline.make_iterator(
@@ -481,27 +521,32 @@ class Experiment(medjax.train.Experiment):
         losses = []
         for pair in self.data.val_pairs():
             batch = {k: jnp.asarray(v[None]) for k, v in pair.items()}
-            losses.append(float(self._val_loss(state.params, batch)))
-        return {"val_loss": float(np.mean(losses)) if losses else float("nan")}
+            losses.append(float(self._val_loss(state.variables(), batch)))
+        if not losses:
+            raise ValueError(
+                f"validation: the {self.config.data} data has {len(self.data.val)} validation "
+                "subject(s), so no validation pair; set --config.eval_every=0 or add subjects"
+            )
+        return {"val_loss": float(np.mean(losses))}
 
     @functools.cached_property
     def _val_loss(self):
-        return jax.jit(lambda p, b: self._loss_terms(p, b)["loss"])
+        return jax.jit(lambda v, b: self._loss_terms(v, b)["loss"])
 
     # ---------------------------------------------------------------- inference
 
-    def _forward(self, params, moving, fixed):
+    def _forward(self, variables, moving, fixed):
         """displacement (B, *S, 3), warped (B, *S, M), optional seg probabilities (B, *S, K)."""
         zeros = jnp.zeros(moving.shape[:-1] + (3,), jnp.float32)
         if self.kind == "joint":
-            out = self.model.apply({"params": params}, moving, fixed)
+            out = self.model.apply(variables, moving, fixed)
             return {k: out[k] for k in ("displacement", "warped", "seg_moving", "seg_fixed", "phi")}
         if self.kind == "voxelmorph":
-            out = self.model.apply({"params": params}, moving, fixed)
+            out = self.model.apply(variables, moving, fixed)
             return {"displacement": out["displacement"], "warped": out["warped"]}
         if self.kind == "segonly":
-            pm = self.model.apply({"params": params}, moving)["probs"]
-            pf = self.model.apply({"params": params}, fixed)["probs"]
+            pm = self.model.apply(variables, moving)["probs"]
+            pf = self.model.apply(variables, fixed)["probs"]
             return {"displacement": zeros, "warped": moving, "seg_moving": pm, "seg_fixed": pf}
         if self.kind == "optimise":
             o = self.config.optimise
@@ -513,93 +558,86 @@ class Experiment(medjax.train.Experiment):
 
     def forward(self, state, moving, fixed):
         """Host arrays of the model's outputs for one batch of pairs (B, *S, M)."""
-        params = None if state is None else state.params
-        if self.model is None:
-            params = {"unused": jnp.zeros((), jnp.float32)}
-        out = self._forward_jit(params, jnp.asarray(moving), jnp.asarray(fixed))
+        variables = {"params": {"unused": jnp.zeros((), jnp.float32)}}
+        if self.model is not None:
+            variables = state.variables()
+        out = self._forward_jit(variables, jnp.asarray(moving), jnp.asarray(fixed))
         return {k: np.asarray(v) for k, v in out.items()}
 
     # ---------------------------------------------------------------- evaluation
 
+    def pair_metrics(self, pair, out):
+        """The paper's metrics of one registered pair: per-pair scalars (and the warped labels)."""
+        n_anat, band = self.data.n_anatomy, int(self.config.near_band)
+        disp, fixed, moving = out["displacement"], pair["fixed"], pair["moving"]
+        det = np.asarray(metrics.jacobian_determinant(disp))[0]
+        m = {
+            "image_mse_before": float(np.mean((moving - fixed) ** 2)),
+            "image_mse_after": float(np.mean((out["warped"][0] - fixed) ** 2)),
+            "folding_percent": float(100.0 * np.mean(det <= 0)),
+            "jacobian_std": float(np.std(det)),
+            "displacement_mean_abs": float(np.mean(np.abs(disp))),
+        }
+        warped_lab = None
+        if n_anat is not None and "anatomy_moving" in pair:
+            am, af = pair["anatomy_moving"], pair["anatomy_fixed"]
+            warped_lab = np.asarray(ops.warp(am[None, ..., None], disp, order=0))[0, ..., 0]
+            m["anatomical_dice_before"] = _dice_mean(am, af, n_anat)
+            m["anatomical_dice_after"] = _dice_mean(warped_lab, af, n_anat)
+            if self.data.has_tumour:
+                tum = (pair["tumour_moving"] > 0) | (pair["tumour_fixed"] > 0)
+                near = ndimage.binary_dilation(tum, iterations=band) if band else tum
+                for name, region in (("near", near), ("far", ~near)):
+                    m[f"dice_{name}_tumour_before"] = _dice_mean(am, af, n_anat, region)
+                    m[f"dice_{name}_tumour_after"] = _dice_mean(warped_lab, af, n_anat, region)
+        return m, warped_lab
+
     def evaluate(self, state, workdir):
         """Registration / segmentation / deformation metrics on the test pairs; writes figures.
 
-        Returns means (and ``*_std``) over test pairs plus ``per_pair`` lists. ``state`` may be None
-        for the ``identity`` kind.
+        Returns means (and ``*_std``) over test pairs plus ``per_pair`` lists. ``state`` is None
+        for the untrained kinds.
         """
         t0 = time.perf_counter()
         workdir = pathlib.Path(workdir)
-        fig_dir = workdir / "figures"
-        nan = float("nan")
-        per = {}
-
-        def add(key, value):
-            per.setdefault(key, []).append(float(value))
-
-        n_anat = self.data.n_anatomy
         n_cls = int(self.config.model.n_classes)
-        band = int(self.config.near_band)
-        infer_times = []
+        if self.config.data == "oasis" and self.data.n_anatomy is None:
+            raise ValueError(
+                f"evaluation: the OASIS folder {self.config.data_dir} has no aligned_seg35 or "
+                "aligned_seg4 label files, so the registration cannot be evaluated"
+            )
+        per, infer_times = {}, []
         for idx, pair in enumerate(self.data.test_pairs()):
             ti = time.perf_counter()
             out = self.forward(state, pair["moving"][None], pair["fixed"][None])
             if idx > 0:
                 infer_times.append(time.perf_counter() - ti)
-            disp = out["displacement"]
-            fixed, moving = pair["fixed"], pair["moving"]
-            add("image_mse_before", np.mean((moving - fixed) ** 2))
-            add("image_mse_after", np.mean((out["warped"][0] - fixed) ** 2))
-            det = np.asarray(metrics.jacobian_determinant(disp))[0]
-            add("folding_percent", 100.0 * np.mean(det <= 0))
-            add("jacobian_std", np.std(det))
-            add("displacement_mean_abs", np.mean(np.abs(disp)))
-            warped_lab = None
-            if n_anat is not None and "anatomy_moving" in pair:
-                am, af = pair["anatomy_moving"], pair["anatomy_fixed"]
-                warped_lab = np.asarray(
-                    ops.warp(am[None, ..., None], disp, order=0, padding="border")
-                )[0, ..., 0]
-                add("anatomical_dice_before", _dice_mean(am, af, n_anat))
-                add("anatomical_dice_after", _dice_mean(warped_lab, af, n_anat))
-                if self.data.has_tumour:
-                    tum = (pair["tumour_moving"] > 0) | (pair["tumour_fixed"] > 0)
-                    near = ndimage.binary_dilation(tum, iterations=band) if band else tum
-                    far = ~near
-                    add("dice_near_tumour_before", _dice_mean(am, af, n_anat, near))
-                    add("dice_near_tumour_after", _dice_mean(warped_lab, af, n_anat, near))
-                    add("dice_far_tumour_before", _dice_mean(am, af, n_anat, far))
-                    add("dice_far_tumour_after", _dice_mean(warped_lab, af, n_anat, far))
+            m, warped_lab = self.pair_metrics(pair, out)
             if "seg_moving" in out and self.data.has_tumour:
-                for name, probs, truth in (
-                    ("moving", out["seg_moving"][0], pair["tumour_moving"]),
-                    ("fixed", out["seg_fixed"][0], pair["tumour_fixed"]),
-                ):
-                    pred = np.argmax(probs, axis=-1).astype(np.int32)
-                    d = np.asarray(metrics.dice(pred[None], truth[None], num_classes=n_cls))[0]
-                    for c, cname in enumerate(_class_names(n_cls)):
-                        add(f"tumour_dice_{cname}", d[c])
-                    whole = np.asarray(
-                        metrics.dice(
-                            (pred > 0)[None].astype(np.int32),
-                            (truth > 0)[None].astype(np.int32),
-                            num_classes=2,
-                        )
-                    )[0, 0]
-                    add("tumour_dice_whole", whole)
-                    add(f"tumour_dice_whole_{name}", whole)
+                segs = [
+                    tumour_dice(out[f"seg_{s}"][0], pair[f"tumour_{s}"], n_cls)
+                    for s in ("moving", "fixed")
+                ]
+                for s, d in zip(("moving", "fixed"), segs, strict=True):
+                    per.setdefault(f"tumour_dice_whole_{s}", []).append(d["tumour_dice_whole"])
+                for k in segs[0]:  # over both images of the pair
+                    per.setdefault(k, []).extend(d[k] for d in segs)
+            for k, v in m.items():
+                per.setdefault(k, []).append(v)
             if idx == 0:
                 try:
-                    self._figures(fig_dir, pair, out, warped_lab)
+                    self._figures(workdir / "figures", pair, out, warped_lab)
                 except Exception as e:  # figures must never lose the metrics
                     print(f"estienne2020: figures failed: {type(e).__name__}: {e}")
         results = {"kind": self.kind, "data": self.config.data, "num_test_pairs": 0}
         if per:
-            results["num_test_pairs"] = len(next(iter(per.values())))
-        for k, v in per.items():
-            results[k], results[f"{k}_std"] = _stats(v)
-        results["inference_s_per_pair"] = float(np.mean(infer_times)) if infer_times else nan
+            results["num_test_pairs"] = len(per["image_mse_after"])
+        results.update(summarize(per))
+        results["inference_s_per_pair"] = (
+            float(np.mean(infer_times)) if infer_times else float("nan")
+        )
         results["eval_wall_s"] = time.perf_counter() - t0
-        results["figures"] = sorted(str(p.name) for p in fig_dir.glob("*.png"))
+        results["figures"] = sorted(p.name for p in (workdir / "figures").glob("*.png"))
         results["per_pair"] = per
         return results
 
@@ -607,37 +645,33 @@ class Experiment(medjax.train.Experiment):
         """Markdown table of ``evaluate()``'s results: before (identity) and after warping."""
 
         def cell(key):
-            mean, std = results.get(key), results.get(f"{key}_std")
-            if not isinstance(mean, int | float) or not np.isfinite(mean):
-                return "-"
-            return f"{mean:.3f} ± {std:.3f}" if isinstance(std, float) else f"{mean:.3f}"
+            return mean_std(results.get(key), results.get(f"{key}_std"))
 
-        rows = [
+        n = results.get("num_test_pairs", 0)
+        lines = [
+            f"{self.kind} model, {n} test pair{'s' if n != 1 else ''} ({results.get('data')} data), "
+            f"checkpoint step {results.get('checkpoint_step', '?')}; mean ± std over pairs",
+            "",
+        ]
+        rows = []
+        for label, key in (
             ("anatomical Dice", "anatomical_dice"),
             ("Dice near tumour", "dice_near_tumour"),
             ("Dice far from tumour", "dice_far_tumour"),
             ("image MSE", "image_mse"),
-        ]
-        lines = [
-            f"{self.kind} model, {results.get('num_test_pairs', 0)} test pairs ({results.get('data')} "
-            f"data), checkpoint step {results.get('checkpoint_step', '?')}; mean ± std over pairs",
-            "",
-            "| metric | before (identity) | after |",
-            "|---|---|---|",
-        ]
-        for label, key in rows:
-            if f"{key}_after" in results:
-                lines.append(f"| {label} | {cell(key + '_before')} | {cell(key + '_after')} |")
-        for label, key in (
-            ("% folding voxels", "folding_percent"),
-            ("Jacobian std", "jacobian_std"),
         ):
-            lines.append(f"| {label} | 0.000 | {cell(key)} |")
+            if f"{key}_after" in results:
+                rows.append([label, cell(key + "_before"), cell(key + "_after")])
+        rows += [
+            ["% folding voxels", "0.000", cell("folding_percent")],
+            ["Jacobian std", "0.000", cell("jacobian_std")],
+        ]
         for c in (*_class_names(int(self.config.model.n_classes)), "whole"):
             if f"tumour_dice_{c}" in results:
-                lines.append(f"| tumour Dice {c.upper()} | - | {cell(f'tumour_dice_{c}')} |")
+                rows.append([f"tumour Dice {c.upper()}", "-", cell(f"tumour_dice_{c}")])
+        lines.append(markdown_table(["metric", "before (identity)", "after"], rows))
         per = results.get("per_pair", {})
-        gain = paired_gain(
+        gain = paired_bootstrap(
             per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", [])
         )
         if gain is not None:
@@ -648,78 +682,96 @@ class Experiment(medjax.train.Experiment):
                 f"(95 % bootstrap CI {lo:+.3f} to {hi:+.3f}); it improves on {gain['improved']} "
                 f"of {gain['n']} pairs",
             ]
+        elif n < 2:
+            lines += ["", f"these numbers rest on {n} test pair(s): no interval can be given"]
         return "\n".join(lines)
 
+    # ---------------------------------------------------------------- comparison (medjax compare)
+
+    compare_columns = [
+        ("Anat. Dice", "anatomical_dice_after"),
+        ("Dice near tumour", "dice_near_tumour_after"),
+        ("Dice far from tumour", "dice_far_tumour_after"),
+        ("Tumour Dice NCR", "tumour_dice_ncr"),
+        ("Tumour Dice ED", "tumour_dice_ed"),
+        ("Tumour Dice ET", "tumour_dice_et"),
+        ("Tumour Dice whole", "tumour_dice_whole"),
+        ("Image MSE", "image_mse_after", 4),
+        ("% folding", "folding_percent", 2),
+        ("Jacobian std", "jacobian_std"),
+    ]
+
+    def compare_table(self, rows):
+        """The comparison table: each row's means ± stds and its paired Dice gain over the identity."""
+        head = ["Variant", self.compare_columns[0][0], "Dice gain [95% CI] (pairs improved)"]
+        head += [c[0] for c in self.compare_columns[1:]] + ["Train (s)"]
+        body = []
+        for r in rows.values():
+            per = r.get("per_pair", {})
+            g = paired_bootstrap(
+                per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", [])
+            )
+            cells = [r.get("label", r.get("row"))]
+            for i, col in enumerate(self.compare_columns):
+                if i == 1:
+                    cells.append(gain_cell(g) if g and (g["mean"] or g["improved"]) else "-")
+                digits = col[2] if len(col) > 2 else 3
+                cells.append(mean_std(r.get(col[1]), r.get(f"{col[1]}_std"), digits))
+            tw = r.get("train_wall_s")
+            cells.append(f"{tw:.0f}" if isinstance(tw, int | float) else "-")
+            body.append(cells)
+        return markdown_table(head, body)
+
+    def compare_figures(self, rows, workdir):
+        """compare_dice.png: anatomical Dice overall / near / far from the tumour per row."""
+        names = [r.get("label", k) for k, r in rows.items()]
+        series = {}
+        for label, key in (
+            ("overall", "anatomical_dice_after"),
+            ("near tumour", "dice_near_tumour_after"),
+            ("far from tumour", "dice_far_tumour_after"),
+        ):
+            means = [r.get(key, np.nan) for r in rows.values()]
+            if np.any(np.isfinite(means)):
+                series[label] = (means, [r.get(f"{key}_std", np.nan) for r in rows.values()])
+        path = pathlib.Path(workdir) / "figures" / "compare_dice.png"
+        return [
+            F.bar_chart(path, names, series, ylabel="anatomical Dice after warping", ylim=(0, 1))
+        ]
+
     def _figures(self, fig_dir, pair, out, warped_lab):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig_dir.mkdir(parents=True, exist_ok=True)
+        plt = F.plt()
         fixed, moving, warped = pair["fixed"], pair["moving"], out["warped"][0]
         tf = pair["tumour_fixed"]
-        z = int(np.argmax((tf > 0).sum(axis=(0, 1)))) if tf.any() else fixed.shape[2] // 2
+        z = F.choose_slice(tf, axis=2)
         ch = min(3, fixed.shape[-1] - 1)  # FLAIR when there are 4 modalities
 
         def show(ax, img, title, lab=None):
-            ax.imshow(img[:, :, z, ch].T, cmap="gray", origin="lower")
-            if lab is not None and np.any(lab):
-                ax.contour(
-                    lab[:, :, z].T,
-                    levels=np.arange(0.5, lab.max() + 1),
-                    linewidths=0.6,
-                    cmap="tab10",
-                    origin="lower",
-                )
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
+            F.show_image(ax, img[:, :, z, ch], title=title)
+            if lab is not None:
+                F.label_contours(ax, lab[:, :, z])
 
         # 1. moving / fixed / warped with anatomical label contours, and the differences
         fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
-        am = pair.get("anatomy_moving")
-        af = pair.get("anatomy_fixed")
-        show(axes[0], moving, "moving S (moving labels)", am)
-        show(axes[1], fixed, "fixed R (fixed labels)", af)
-        show(axes[2], warped[..., :], "warped D (warped labels)", warped_lab)
+        show(axes[0], moving, "moving S (moving labels)", pair.get("anatomy_moving"))
+        show(axes[1], fixed, "fixed R (fixed labels)", pair.get("anatomy_fixed"))
+        show(axes[2], warped, "warped D (warped labels)", warped_lab)
         vmax = float(np.abs(moving - fixed)[:, :, z, ch].max()) or 1.0
         for ax, d, t in (
             (axes[3], moving - fixed, "|S - R| before"),
             (axes[4], warped - fixed, "|D - R| after"),
         ):
-            ax.imshow(np.abs(d[:, :, z, ch]).T, cmap="magma", vmin=0, vmax=vmax, origin="lower")
-            ax.set_title(t, fontsize=8)
-            ax.axis("off")
+            F.show_image(ax, np.abs(d[:, :, z, ch]), title=t, cmap="magma", vmin=0, vmax=vmax)
         fig.suptitle(f"{self.kind}: axial slice z={z}", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "registration_pair0.png", dpi=110)
-        plt.close(fig)
+        F.save(fig, fig_dir / "registration_pair0.png")
 
         # 2. deformation grid (in-plane components) and Jacobian determinant
         disp = out["displacement"][0]
         det = np.asarray(metrics.jacobian_determinant(out["displacement"]))[0]
         fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-        nx, ny = disp.shape[0], disp.shape[1]
-        gx, gy = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
-        px, py = gx + disp[:, :, z, 0], gy + disp[:, :, z, 1]
-        step = max(1, nx // 24)
-        ax = axes[0]
-        ax.imshow(fixed[:, :, z, ch].T, cmap="gray", origin="lower", alpha=0.5)
-        for i in range(0, nx, step):
-            ax.plot(px[i, :], py[i, :], "r-", lw=0.5)
-        for j in range(0, ny, step):
-            ax.plot(px[:, j], py[:, j], "r-", lw=0.5)
-        ax.set_title("sampling grid x + u(x) (in-plane)", fontsize=8)
-        ax.axis("off")
-        im = axes[1].imshow(det[:, :, z].T, cmap="RdBu_r", vmin=0, vmax=2, origin="lower")
-        axes[1].set_title(
-            f"Jacobian determinant (fold <= 0: {100 * np.mean(det <= 0):.2f}%)", fontsize=8
-        )
-        axes[1].axis("off")
-        fig.colorbar(im, ax=axes[1], fraction=0.046)
-        fig.tight_layout()
-        fig.savefig(fig_dir / "deformation_pair0.png", dpi=110)
-        plt.close(fig)
+        F.deformation_grid(axes[0], disp[:, :, z, :2], background=fixed[:, :, z, ch])
+        F.jacobian_map(axes[1], det[:, :, z], fig=fig)
+        F.save(fig, fig_dir / "deformation_pair0.png")
 
         # 3. tumour predictions vs truth
         if "seg_moving" in out and self.data.has_tumour:
@@ -730,26 +782,18 @@ class Experiment(medjax.train.Experiment):
                     ("fixed", fixed, out["seg_fixed"][0], tf),
                 )
             ):
-                zz = int(np.argmax((truth > 0).sum(axis=(0, 1)))) if truth.any() else z
+                zz = F.choose_slice(truth, axis=2) if truth.any() else z
                 pred = np.argmax(probs, axis=-1)
-                axes[r, 0].imshow(img[:, :, zz, ch].T, cmap="gray", origin="lower")
-                axes[r, 0].set_title(f"{name} image", fontsize=8)
+                F.show_image(axes[r, 0], img[:, :, zz, ch], title=f"{name} image")
                 for c, (lab, t) in enumerate(((truth, "truth"), (pred, "prediction")), start=1):
-                    axes[r, c].imshow(img[:, :, zz, ch].T, cmap="gray", origin="lower")
-                    axes[r, c].imshow(
-                        np.ma.masked_equal(lab[:, :, zz], 0).T,
-                        cmap="jet",
-                        vmin=0,
-                        vmax=3,
-                        alpha=0.6,
-                        origin="lower",
+                    F.label_overlay(
+                        axes[r, c],
+                        img[:, :, zz, ch],
+                        lab[:, :, zz],
+                        num_classes=4,
+                        title=f"{name} tumour {t}",
                     )
-                    axes[r, c].set_title(f"{name} tumour {t}", fontsize=8)
-                for a in axes[r]:
-                    a.axis("off")
-            fig.tight_layout()
-            fig.savefig(fig_dir / "tumour_pair0.png", dpi=110)
-            plt.close(fig)
+            F.save(fig, fig_dir / "tumour_pair0.png")
 
     # ---------------------------------------------------------------- prediction
 
@@ -758,14 +802,15 @@ class Experiment(medjax.train.Experiment):
 
         Writes ``displacement.nii.gz`` (*S, 3) voxels and ``warped.nii.gz`` (*S, M) on the fixed
         grid (fixed affine), ``seg_moving.nii.gz`` (moving affine), ``seg_fixed.nii.gz`` and
-        ``warped_seg.nii.gz`` (fixed affine) when the model segments. Images are z-scored per
-        modality and padded to the network's size multiple (results are cropped back).
+        ``warped_seg.nii.gz`` (fixed affine) when the model segments. Both images go through
+        :func:`preprocess` at their own size rounded up to the network's size multiple (as
+        training does with a crop that follows the data); results are cropped back.
         """
         inputs = [pathlib.Path(p) for p in inputs]
         if len(inputs) != 2:
             raise ValueError(f"inputs: expected [moving, fixed] (2 files), got {len(inputs)}")
         mov_img, fix_img = load_image(inputs[0]), load_image(inputs[1])
-        n_mod = self.data.n_modalities
+        n_mod = self.n_modalities
         for name, im in (("moving", mov_img), ("fixed", fix_img)):
             if im.array.ndim != 4 or im.array.shape[-1] != n_mod:
                 raise ValueError(
@@ -778,19 +823,13 @@ class Experiment(medjax.train.Experiment):
                 f"{mov_img.spatial_shape}, got {fix_img.spatial_shape}"
             )
         shape = mov_img.spatial_shape
-        factor = 2 ** (len(self.config.model.multipliers) - 1)
-        if self.kind == "voxelmorph":
-            factor = 2 ** len(self.config.model.vxm_enc)
+        factor = size_factor(self.config)
         padded = tuple(-(-s // factor) * factor for s in shape)
-
-        def prep(im):
-            x = transforms.zscore(im.array).astype(np.float32)
-            pad = [(0, p - s) for p, s in zip(padded, shape, strict=True)] + [(0, 0)]
-            return np.pad(x, pad, mode="edge")[None]
-
-        moving, fixed = prep(mov_img), prep(fix_img)
+        moving = preprocess(mov_img.array, padded)[None]
+        fixed = preprocess(fix_img.array, padded)[None]
         out = self.forward(state, moving, fixed)
-        crop = tuple(slice(0, s) for s in shape)
+        lo = [(p - s) // 2 for p, s in zip(padded, shape, strict=True)]
+        crop = tuple(slice(a, a + s) for a, s in zip(lo, shape, strict=True))
         disp = out["displacement"][0][crop]
         # Re-warp the unpadded moving image (in its original intensities) with the cropped field.
         warped = np.asarray(ops.warp(mov_img.array[None], disp[None], order=1, padding="border"))[0]

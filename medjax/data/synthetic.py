@@ -17,11 +17,11 @@ Run ``python -m medjax.data.synthetic --figure docs/figures/phantoms.png`` to dr
 
 import argparse
 import functools
-import math
 
 import jax
 import numpy as np
 
+from medjax.data.transforms import rotation_matrices
 from medjax.ops.warp import warp
 
 __all__ = [
@@ -240,15 +240,8 @@ def _template(shape):
 
 
 def _rotation(angles):
-    """Rotation matrix from three angles (radians) about axes 0, 1, 2."""
-    out = np.eye(3)
-    for axis, a in enumerate(angles):
-        i, j = [k for k in range(3) if k != axis]
-        r = np.eye(3)
-        r[i, i] = r[j, j] = math.cos(a)
-        r[i, j], r[j, i] = -math.sin(a), math.sin(a)
-        out = r @ out
-    return out
+    """Rotation matrix from three angles (radians) about axes 0, 1, 2 (float64, host)."""
+    return rotation_matrices(np.asarray(angles, np.float64)[None], 3, xp=np)[0]
 
 
 def _draw_subject(rng):

@@ -44,6 +44,7 @@ __all__ = [
     "crop_or_pad",
     "crop_to_foreground",
     "remap_labels",
+    "rotation_matrices",
     "one_hot",
     "random_crop",
     "foreground_crop",
@@ -138,19 +139,24 @@ def _bcast(v, ndim_total):
 # geometric augmentations
 
 
-def _rotation_matrices(angles, ndim):
+def rotation_matrices(angles, ndim, *, xp=jnp):
     """(B, n_angles) radians -> (B, ndim, ndim). 2D: one angle; 3D: about axes 0, 1, 2 in turn.
 
     The rotation about axis k turns the plane of the other two axes (i < j) by +angle from i to j.
+    ``xp`` is ``jax.numpy`` (traceable, for device-side augmentation) or ``numpy`` (float64 on the
+    host, for the synthetic data): the one rotation of medjax, the same arithmetic in both.
     """
+    angles = xp.asarray(angles)
     b = angles.shape[0]
     planes = [(0, 1)] if ndim == 2 else [(1, 2), (0, 2), (0, 1)]
-    out = jnp.broadcast_to(jnp.eye(ndim), (b, ndim, ndim))
+    out = xp.broadcast_to(xp.eye(ndim, dtype=angles.dtype), (b, ndim, ndim))
     for a, (i, j) in enumerate(planes):
-        c, s = jnp.cos(angles[:, a]), jnp.sin(angles[:, a])
-        r = jnp.broadcast_to(jnp.eye(ndim), (b, ndim, ndim))
-        r = r.at[:, i, i].set(c).at[:, j, j].set(c).at[:, j, i].set(s).at[:, i, j].set(-s)
-        out = jnp.einsum("bij,bjk->bik", r, out)
+        c, s = xp.cos(angles[:, a]), xp.sin(angles[:, a])
+        one, zero = xp.ones_like(c), xp.zeros_like(c)
+        rows = [[one if r == q else zero for q in range(ndim)] for r in range(ndim)]
+        rows[i][i], rows[j][j], rows[j][i], rows[i][j] = c, c, s, -s
+        r = xp.stack([xp.stack(row, -1) for row in rows], -2)
+        out = xp.matmul(r, out)
     return out
 
 
@@ -199,7 +205,7 @@ def _draw_affine(key, *, batch, ndim, rotation, scale, translation, prob):
     factors = jax.random.uniform(k_scale, (batch, ndim), minval=lo, maxval=hi)
     lo, hi = _range("translation", translation, 0.0)
     shift = jax.random.uniform(k_shift, (batch, ndim), minval=lo, maxval=hi)
-    matrix = _rotation_matrices(angles, ndim) * factors[:, None, :]
+    matrix = rotation_matrices(angles, ndim) * factors[:, None, :]
     apply = _apply_mask(k_apply, batch, _check_prob(prob))
     matrix = jnp.where(apply[:, None, None], matrix, jnp.eye(ndim))
     shift = jnp.where(apply[:, None], shift, 0.0)
@@ -717,8 +723,11 @@ def crop_to_foreground(image, label=None, *, margin=0, threshold=0.0, source="im
 def remap_labels(label, mapping):
     """Map label values through ``mapping`` (dict old -> new) -> int32 array, same shape.
 
-    Raises ValueError listing values present in ``label`` but missing from ``mapping``.
+    The same as :func:`medjax.data.io.remap_labels` (the one implementation): a value missing from
+    ``mapping`` raises ``ValueError`` naming it.
     """
+    from medjax.data.io import remap_labels as _remap
+
     label = np.asarray(label)
     if label.dtype.kind == "f":
         if not np.all(np.mod(label, 1) == 0):
@@ -726,15 +735,7 @@ def remap_labels(label, mapping):
         label = label.astype(np.int64)
     elif label.dtype.kind not in "iub":
         raise ValueError(f"label: expected an integer array, got dtype {label.dtype}")
-    values, inverse = np.unique(label, return_inverse=True)
-    missing = [int(v) for v in values if int(v) not in mapping]
-    if missing:
-        raise ValueError(
-            f"mapping: expected an entry for every label value, missing {missing} "
-            f"(mapping keys {sorted(mapping)})"
-        )
-    table = np.array([mapping[int(v)] for v in values], np.int32)
-    return table[inverse].reshape(label.shape)
+    return _remap(label, mapping, source="label")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pathlib
 import ml_collections
 
 from medjax.train import experiment as _experiment
+from medjax.train.logging import jsonable
 
 __all__ = [
     "ConfigError",
@@ -102,6 +103,8 @@ def parse_value(text: str, current, *, key: str = "value"):
     if isinstance(current, str):
         return text
     if isinstance(current, tuple | list):
+        if text.strip() == "None":  # e.g. a crop back to "follow the data"
+            return None
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):  # bare words: a,b or (a, b) or [a, b]
@@ -225,18 +228,6 @@ def load_config(name: str, variant=None, overrides=(), *, directory=None):
     return validate_config(config)
 
 
-def _jsonable(x):
-    if isinstance(x, tuple | list):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    if hasattr(x, "item") and getattr(x, "shape", None) == ():
-        return x.item()
-    return str(x)
-
-
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``"key: saved -> current"`` for every dotted key whose value differs (except RESUMABLE_CHANGES)."""
 
@@ -249,7 +240,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = flat(_jsonable(saved)), flat(_jsonable(current))
+    a, b = flat(jsonable(saved)), flat(jsonable(current))
     free = tuple(r.rstrip(".") for r in RESUMABLE_CHANGES) + ("experiment",)
     changes = []
     for key in sorted(set(a) | set(b)):
@@ -263,7 +254,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 def config_to_json(config) -> str:
     """JSON text of a resolved config (tuples become lists, other objects their ``str``)."""
-    return json.dumps(_jsonable(config.to_dict()), indent=2, sort_keys=True)
+    return json.dumps(jsonable(config.to_dict()), indent=2, sort_keys=True)
 
 
 def _restore_types(saved, like):

@@ -17,6 +17,7 @@ __all__ = [
     "Progress",
     "TensorBoardWriter",
     "format_metrics",
+    "jsonable",
     "read_metrics",
     "write_text_atomic",
 ]
@@ -38,10 +39,24 @@ def _to_float(v):
     return v.item()
 
 
-def _json_value(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # "nan"/"inf": keeps every line valid JSON
-    return v
+def jsonable(x):
+    """``x`` as plain JSON values: dicts (str keys), lists (from tuples), numbers, strings, None.
+
+    NumPy/JAX scalars become Python numbers, non-finite floats the strings ``"nan"``/``"inf"``
+    (``float()`` reads them back; every line stays valid JSON), anything else its ``str``.
+    The one JSON sanitiser of medjax (configs, checkpoints' JSON items, metrics, results).
+    """
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic) or (hasattr(x, "item") and getattr(x, "shape", None) == ()):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)
 
 
 class MetricsWriter:
@@ -75,7 +90,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> dict:
         """Append ``metrics`` (host scalars or 0-d arrays) for ``step``; returns the record."""
         record = {"step": int(step)}
-        record.update({k: _json_value(_to_float(v)) for k, v in metrics.items()})
+        record.update({k: jsonable(_to_float(v)) for k, v in metrics.items()})
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -33,6 +33,7 @@ from medjax.train.logging import (
     Progress,
     TensorBoardWriter,
     format_metrics,
+    jsonable,
     write_text_atomic,
 )
 
@@ -106,18 +107,6 @@ def init_sharded(init_fn, rng, mesh):
         return _unalias(jax.jit(init_fn, out_shardings=rep)(rng))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return _unalias(_mesh.replicate(init_fn(rng), mesh))
-
-
-def _jsonable(tree):
-    if isinstance(tree, dict):
-        return {str(k): _jsonable(v) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return [_jsonable(v) for v in tree]
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return str(tree)  # "inf"/"nan": float("inf") reads it back
-    if isinstance(tree, np.generic):
-        return _jsonable(tree.item())
-    return tree
 
 
 def _host_means(total, count):
@@ -249,7 +238,7 @@ class _Run:
             if self.has_validate and self.eval_every
             else None
         )
-        self.config_dict = _jsonable(cfg.to_dict())
+        self.config_dict = jsonable(cfg.to_dict())
         self.rng = jax.random.PRNGKey(int(cfg.seed))
         self.manager = _ckpt.CheckpointManager(
             self.workdir / "checkpoints",
@@ -381,9 +370,9 @@ class _Run:
         self.manager.save(
             at_step,
             self.state,
-            data=_jsonable(data),
+            data=jsonable(data),
             config=self.config_dict,
-            loop=_jsonable(loop_state),
+            loop=jsonable(loop_state),
             metrics=val,
         )
         self.last_saved = at_step

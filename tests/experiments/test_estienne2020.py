@@ -159,9 +159,38 @@ def test_synthetic_train_eval_predict(tmp_path, capsys):
     disp = np.asarray(nib.load(str(out / "displacement.nii.gz")).dataobj)
     assert np.all(np.isfinite(disp))
 
-    # wrong inputs are refused with a message naming them
-    with pytest.raises(ValueError, match="inputs"):
-        main(["predict", "--workdir", str(work), str(mov), "--out", str(out)])
+    # predict preprocesses exactly as training does: the raw test pair 0 written as NIfTI gives
+    # the displacement that the evaluation computed from the training pipeline's arrays
+    import jax
+
+    from medjax.train import load_experiment
+    from medjax.train.checkpoint import abstract_state, restore_state
+    from medjax.train.config import config_from_json
+    from medjax.train.mesh import make_mesh, replicated
+
+    config = config_from_json(json.loads((work / "config.json").read_text()))
+    ex = load_experiment("estienne2020").build(config)
+    state, _ = restore_state(
+        work, abstract_state(ex.init_state, replicated(make_mesh()), jax.random.PRNGKey(0))
+    )
+    pair = next(ex.data.test_pairs())
+    expected = ex.forward(state, pair["moving"][None], pair["fixed"][None])["displacement"][0]
+    raw = [synthetic.brain_phantom(1234 + 200_000 + i, (16, 16, 16))["image"] for i in (0, 1)]
+    paths = [_write_nifti(tmp_path / f"raw{i}.nii.gz", raw[i], np.eye(4)) for i in (0, 1)]
+    assert (
+        main(["predict", "--workdir", str(work), *map(str, paths), "--out", str(tmp_path / "p2")])
+        == 0
+    )
+    got = np.asarray(nib.load(str(tmp_path / "p2" / "displacement.nii.gz")).dataobj)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    # wrong inputs are refused with one line naming them (exit code 2)
+    capsys.readouterr()
+    assert main(["predict", "--workdir", str(work), str(mov), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("medjax: error: inputs: expected [moving, fixed]") and err.count("\n") == 1
+    )
 
 
 def _oasis_folder(root, n=6, shape=(16, 16, 16)):
@@ -249,7 +278,7 @@ def test_config_variants_and_validation():
         spec.build(cfg)
     cfg = load_config("estienne2020", "quick", ["data=brats"])
     with pytest.raises(ValueError, match="config.data_dir"):
-        spec.build(cfg)
+        _ = spec.build(cfg).data  # built on first use: predict needs no training folder
     # tumour labels 0..3 with a 2-class head: refused on the host, before the jitted loss
     cfg = load_config(
         "estienne2020",
@@ -264,21 +293,28 @@ def test_config_variants_and_validation():
         it.close()
 
 
-def test_compare_baselines_table(tmp_path):
-    """compare.py on the baselines: VoxelMorph (d), segmentation only (e), the identity (f) and
-    the per-pair optimisation reference (g)."""
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "experiments/estienne2020/compare.py"
-    spec = importlib.util.spec_from_file_location("estienne2020_compare", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+def test_compare_baselines_table(tmp_path, capsys):
+    """medjax compare on the baselines: VoxelMorph (d), segmentation only (e), the identity (f) and
+    the per-pair optimisation reference (g); a rerun reuses the finished rows."""
     tiny = [a for a in TINY if not a.startswith("--config.model.")]
     tiny += ["--config.model.vxm_enc=(4,4,4,4)", "--config.model.vxm_dec=(4,4,4,4,4,4,4)"]
     tiny += ["--config.optimise.steps=40"]
-    rows = compare.main(["--workdir", str(tmp_path), "--only", "d,e,f,g", *tiny])
-    by_key = {r["variant_key"]: r for r in rows}
+    args = [
+        "compare",
+        "estienne2020",
+        "--variant",
+        "quick",
+        "--workdir",
+        str(tmp_path),
+        "--only",
+        "d,e,f,g",
+        *tiny,
+    ]
+    assert main(args) == 0
+    by_key = json.loads((tmp_path / "compare.json").read_text())
     assert list(by_key) == ["d_voxelmorph", "e_segonly", "f_identity", "g_optimise"]
+    for key, res in by_key.items():  # compare.json holds each row's results.json
+        assert res == json.loads((tmp_path / "quick" / key / "results.json").read_text())
     # the per-pair optimisation reference really registers (at 16^3 the labels are too coarse
     # for every pair's Dice to move, but the mean does and the image error falls by half)
     opt = by_key["g_optimise"]
@@ -292,21 +328,114 @@ def test_compare_baselines_table(tmp_path):
         assert r["folding_percent"] == 0.0 and r["jacobian_std"] == 0.0
     assert "tumour_dice_whole" in by_key["e_segonly"] and "tumour_dice_whole" not in ident
     assert math.isfinite(by_key["d_voxelmorph"]["anatomical_dice_after"])
-    md = (tmp_path / "comparison.md").read_text()
+    md = (tmp_path / "compare.md").read_text()
     assert "| (d) VoxelMorph |" in md and "| (f) identity |" in md
     assert (tmp_path / "figures" / "compare_dice.png").is_file()
+    # rerun: nothing is retrained or re-evaluated
+    capsys.readouterr()
+    assert main(args + ["--only", "f,g"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 2 and "evaluating" not in out
 
 
-def test_paired_gain_closed_forms():
+def _brats_folder(root, n, shape=(16, 16, 16)):
+    """A BraTS 2021-style folder of ``n`` synthetic cases (4 modalities + tumour labels)."""
+    for i in range(n):
+        case = f"BraTS2021_{i:05d}"
+        d = root / case
+        d.mkdir(parents=True)
+        s = synthetic.brain_phantom(900 + i, shape)
+        for c, mod in enumerate(("t1", "t1ce", "t2", "flair")):
+            _write_nifti(d / f"{case}_{mod}.nii.gz", s["image"][..., c], np.eye(4))
+        seg = np.asarray([0, 1, 2, 4])[s["tumour"]].astype(np.int16)
+        _write_nifti(d / f"{case}_seg.nii.gz", seg, np.eye(4))
+    return root
+
+
+def _config(*overrides):
+    from medjax.train import load_config
+
+    tiny = [a[len("--config.") :] for a in TINY]
+    return load_config("estienne2020", "quick", tiny + list(overrides))
+
+
+def test_small_brats_folder_keeps_two_validation_subjects(tmp_path):
+    """8 cases with validation on: two validation subjects (one pair), not one and a NaN loss."""
     from medjax.train import load_experiment
 
-    gain = load_experiment("estienne2020").task_module.paired_gain
-    g = gain([0.2, 0.3, 0.4, 0.5], [0.3, 0.4, 0.5, 0.6])  # +0.1 on every pair: no spread
-    assert g["improved"] == 4 and g["n"] == 4
-    np.testing.assert_allclose([g["mean"], *g["ci95"]], [0.1, 0.1, 0.1], atol=1e-12)
-    g = gain([0.5, 0.5, 0.5, 0.5], [0.4, 0.6, 0.45, 0.55])  # symmetric changes: CI spans 0
-    assert g["improved"] == 2 and abs(g["mean"]) < 1e-12 and g["ci95"][0] < 0 < g["ci95"][1]
-    # the bootstrap interval of the mean lies within the range of the paired changes
-    d = np.array([0.4, 0.6, 0.45, 0.55]) - 0.5
-    assert d.min() <= g["ci95"][0] and g["ci95"][1] <= d.max()
-    assert gain([0.1], [0.2]) is None
+    task = load_experiment("estienne2020").task_module
+    root = _brats_folder(tmp_path / "brats", 8)
+    data = task.FolderData(
+        _config("data=brats", f"data_dir={root}", "eval_every=100"), log=lambda s: None
+    )
+    assert len(data.val) == 2 and len(list(data.val_pairs())) == 1
+    assert len(data.train) >= 2 and data.num_test_pairs >= 1
+    with pytest.raises(ValueError, match="expected at least 6 brats subjects"):
+        task.FolderData(
+            _config("data=brats", f"data_dir={_brats_folder(tmp_path / 'b5', 5)}", "eval_every=100")
+        )
+
+
+def test_crop_follows_the_data_and_a_bad_crop_names_the_nearest_valid_one(tmp_path, capsys):
+    from medjax.train import load_experiment
+
+    task = load_experiment("estienne2020").task_module
+    root = _oasis_folder(tmp_path / "oasis", n=5, shape=(15, 16, 14))
+    lines = []
+    data = task.FolderData(_config("data=oasis", f"data_dir={root}"), log=lines.append)
+    assert data.shape == (16, 16, 16)  # the data's size rounded up to a multiple of 4
+    assert any("aligned_seg35" in s for s in lines) and any("(15, 16, 14)" in s for s in lines)
+    args = [
+        "train",
+        "estienne2020",
+        "--workdir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--config.data=oasis",
+        f"--config.data_dir={root}",
+        "--config.oasis_crop=(18,16,16)",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "nearest valid crop is (20, 16, 16)" in err and err.count("\n") == 1
+
+
+def test_oasis_folder_with_only_seg4_labels(tmp_path):
+    from medjax.train import load_experiment
+
+    task = load_experiment("estienne2020").task_module
+    root = _oasis_folder(tmp_path / "oasis", n=5)
+    for p in root.glob("*/aligned_seg35.nii.gz"):
+        p.unlink()
+    lines = []
+    data = task.FolderData(_config("data=oasis", f"data_dir={root}"), log=lines.append)
+    assert data.n_anatomy == 5 and any("aligned_seg4" in s for s in lines)
+    pair = next(data.test_pairs())
+    assert pair["anatomy_fixed"].max() <= 4 and pair["anatomy_fixed"].max() > 0
+
+
+def test_init_and_step_keys_differ_and_evaluation_passes_the_model_state():
+    import jax
+
+    from medjax.train import load_experiment
+
+    ex = load_experiment("estienne2020").build(_config())
+    rng = jax.random.PRNGKey(0)
+    state = ex.init_state(rng)
+    assert not np.array_equal(np.asarray(state.rng), np.asarray(rng))
+    seen = {}
+
+    def spy(variables, moving, fixed):
+        seen.update(variables)
+        return {"displacement": np.zeros(moving.shape[:-1] + (3,), np.float32), "warped": moving}
+
+    ex._forward_jit = spy
+    stats = {"layer": {"mean": np.zeros(3)}}
+    ex.forward(
+        state.replace(model_state={"batch_stats": stats}),
+        np.zeros((1, 16, 16, 16, 4)),
+        np.zeros((1, 16, 16, 16, 4)),
+    )
+    assert set(seen) == {"params", "batch_stats"}
+    cfg = _config()
+    assert "eval_batch_size" not in cfg and "num_workers" not in cfg  # read nowhere: removed

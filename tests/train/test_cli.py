@@ -27,7 +27,7 @@ def _cli(*args):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
 
 
@@ -193,7 +193,7 @@ def test_two_process_training_then_resume_on_one(tmp_path, monkeypatch):
     outs = []
     for p in procs:
         try:
-            outs.append(p.communicate(timeout=240)[0])
+            outs.append(p.communicate(timeout=900)[0])
         finally:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs

@@ -62,7 +62,7 @@ def test_two_processes_match_single_process(tmp_path):
     errs = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=240)
+            _, err = p.communicate(timeout=900)
             errs.append(err)
     finally:
         for p in procs:

@@ -1,0 +1,168 @@
+"""The one variant sweep: ``medjax compare EXPERIMENT --variant V --workdir W [--only a,b]``.
+
+An experiment declares its comparison rows in ``config.py``::
+
+    def compare_rows(variant):
+        return {"a_joint": ("(a) joint", ["model.kind=joint"]), "f_identity": ("(f) identity", [...])}
+
+Each row is the base variant's config plus the row's overrides (plus the command's own
+``--config.KEY=VALUE``). It is trained with :func:`medjax.train.fit` in ``W/<variant>/<row>``
+(rerun to resume: a finished row is neither retrained nor re-evaluated while its config and
+checkpoint are unchanged; another base variant works in another folder, so it never reuses stale
+rows), evaluated with the experiment's ``evaluate``, and tabulated into ``W/compare.md`` with
+``W/compare.json`` (row name -> that row's ``results.json`` content). The table is the
+experiment's ``compare_table(rows)`` when it defines one, else the columns of its
+``compare_columns`` (``[(header, results key[, digits])]``); its ``compare_figures(rows, W)``, when
+defined, draws the comparison's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from medjax.evaluation.report import results_table
+from medjax.train.config import config_to_json, load_config
+from medjax.train.logging import write_text_atomic
+
+__all__ = ["compare", "rows_of", "select_rows"]
+
+
+def rows_of(spec, variant) -> dict:
+    """``{row: (label, overrides)}`` declared by the experiment's ``config.compare_rows(variant)``."""
+    fn = getattr(spec.config_module, "compare_rows", None)
+    if fn is None:
+        raise ValueError(f"experiment {spec.name!r} declares no comparison (config.compare_rows)")
+    rows = dict(fn(variant))
+    if not rows:
+        raise ValueError(f"experiment {spec.name!r}: compare_rows({variant!r}) is empty")
+    return rows
+
+
+def select_rows(rows: dict, only: str | None) -> list[str]:
+    """Row names chosen by ``--only`` (comma list of names or their prefixes before ``_``)."""
+    if not only:
+        return list(rows)
+    chosen = []
+    for item in (s.strip() for s in only.split(",") if s.strip()):
+        match = [k for k in rows if k == item or k.split("_")[0] == item]
+        if not match:
+            raise ValueError(f"--only: {item!r} is not a row; the rows are {', '.join(rows)}")
+        chosen += [m for m in match if m not in chosen]
+    return chosen
+
+
+def _reusable(path: pathlib.Path, config_dict: dict, step) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    # Exactly the same config and checkpoint: any change (evaluation settings included) re-evaluates.
+    if old.get("checkpoint_step") != step or old.get("config") != config_dict:
+        return None
+    return old
+
+
+def _run_row(spec, name, label, config, workdir, log):
+    from medjax.train.loop import fit
+    from medjax.train.workdir import evaluate_workdir, needs_training, restore_for_eval
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_dict = json.loads(config_to_json(config))
+    experiment = spec.build(config)
+    timing_path = workdir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    if needs_training(experiment):
+        log(f"training {int(config.num_steps)} steps in {workdir}")
+        _, summary = fit(experiment, config, workdir)
+        if summary["step"] > summary["start_step"]:
+            timing["train_wall_s"] = timing.get("train_wall_s", 0.0) + summary["wall_s"]
+            timing["train_steps"] = int(summary["step"])
+        step = int(summary["step"])
+        if summary["interrupted"]:
+            raise KeyboardInterrupt
+    else:
+        write_text_atomic(workdir / "config.json", config_to_json(config) + "\n")
+        step = 0
+    write_text_atomic(timing_path, json.dumps(timing))
+    old = _reusable(workdir / "results.json", config_dict, step)
+    if old is not None:
+        log(f"reusing {workdir / 'results.json'}")
+        return old
+    log("evaluating")
+    t0 = time.perf_counter()
+    experiment, state, step = restore_for_eval(spec, config, workdir)
+    extra = {
+        "row": name,
+        "label": label,
+        "config": config_dict,
+        "train_wall_s": timing.get("train_wall_s", 0.0 if not needs_training(experiment) else None),
+    }
+    record, _ = evaluate_workdir(
+        spec, config, workdir, experiment=experiment, state=state, step=step, extra=extra
+    )
+    record["eval_wall_s"] = time.perf_counter() - t0
+    write_text_atomic(workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def compare(spec, variant, workdir, *, only=None, overrides=(), log=print) -> dict:
+    """Train, evaluate and tabulate the experiment's comparison rows; returns ``{row: results}``.
+
+    Writes ``workdir/compare.json`` and ``workdir/compare.md`` (and the experiment's comparison
+    figures). See the module docstring.
+    """
+    variant = variant or getattr(spec.config_module, "VARIANTS", ("quick",))[0]
+    rows = rows_of(spec, variant)
+    names = select_rows(rows, only)
+    root = pathlib.Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    results = {}
+    t_all = time.perf_counter()
+    for i, name in enumerate(names, 1):
+        label, row_overrides = rows[name]
+        log(f"[{i}/{len(names)}] {label}")
+        config = load_config(
+            spec.name,
+            variant,
+            list(row_overrides) + list(overrides),
+            directory=spec.directory.parent,
+        )
+        t0 = time.perf_counter()
+        results[name] = _run_row(
+            spec, name, label, config, root / variant / name, lambda s: log("   " + s)
+        )
+        log(f"   done in {time.perf_counter() - t0:.0f} s")
+    experiment = spec.build(
+        load_config(spec.name, variant, list(overrides), directory=spec.directory.parent)
+    )
+    if hasattr(experiment, "compare_table"):
+        table = experiment.compare_table(results)
+    else:
+        columns = getattr(experiment, "compare_columns", None) or [
+            (k, k)
+            for k, v in next(iter(results.values())).items()
+            if isinstance(v, float) and not k.endswith("_std")
+        ]
+        table = results_table(results, columns, first_header="row")
+    header = (
+        f"{spec.name} comparison, variant {variant!r}"
+        f"{', overrides ' + ' '.join(overrides) if overrides else ''}; "
+        f"{len(results)} rows in {time.perf_counter() - t_all:.0f} s of this run"
+    )
+    write_text_atomic(root / "compare.md", f"{header}\n\n{table}\n")
+    write_text_atomic(root / "compare.json", json.dumps(results, indent=2, default=str) + "\n")
+    if hasattr(experiment, "compare_figures"):
+        try:
+            for path in experiment.compare_figures(results, root) or ():
+                log(f"figure: {path}")
+        except Exception as e:  # a figure must never lose the table
+            log(f"compare figures failed: {type(e).__name__}: {e}")
+    log("")
+    log(header)
+    log(table)
+    log(f"\ntable: {root / 'compare.md'}; results: {root / 'compare.json'}")
+    return results
