@@ -6,6 +6,7 @@ Segmentation (logits (B, *S, C); targets int (B, *S) or one-hot/soft (B, *S, C))
 Similarity: ``mse``, ``local_ncc`` (negative NCC), ``heatmap_mse``.
 Regularisers: ``phi_l1``, ``displacement_l2_gradient``.
 Adversarial: ``wgan_critic_loss``, ``wgan_generator_loss``.
+VAE (ResNet3dVAE's regulariser): ``vae_loss`` / ``vae_loss_terms``.
 Registration (model output dicts): ``joint_loss`` / ``joint_loss_terms`` / ``background_mask``
 (Estienne 2020), ``voxelmorph_loss`` / ``voxelmorph_loss_terms``.
 """
@@ -29,6 +30,7 @@ from medjax.losses.segmentation import (
     soft_dice_loss,
 )
 from medjax.losses.similarity import heatmap_mse, local_ncc, mse
+from medjax.losses.vae import vae_loss, vae_loss_terms
 
 __all__ = [
     "adaptive_tversky_loss",

@@ -143,3 +143,119 @@ _reg(
     [(1, 64, 64, 1)],
     description="a small U-Net baseline (2D or 3D)",
 )
+
+# -- the MedicalZoo registry (factory defaults: in_channels=2, classes=4; aliases = original keys)
+_ZOO = "MedicalZoo 3D model zoo"
+_reg(
+    "UNet3D",
+    "unet3d",
+    "UNet3D",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 32, 32, 32, 2)],
+    aliases=("unet3d_isensee",),
+    description=f"{_ZOO}: Isensee's modified 3D U-Net (UNET3D)",
+)
+_reg(
+    "VNet",
+    "vnet",
+    "VNet",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 16, 16, 16, 2)],
+    description=f"{_ZOO}: V-Net, PReLU (VNET)",
+)
+_reg(
+    "VNetLight",
+    "vnet",
+    "VNetLight",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 16, 16, 16, 2)],
+    aliases=("vnet2",),
+    description=f"{_ZOO}: V-Net without the 256 level (VNET2)",
+)
+_reg(
+    "HighResNet3D",
+    "highresnet",
+    "HighResNet3D",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 8, 8, 8, 2)],
+    aliases=("highresnet",),
+    description=f"{_ZOO}: dilated residual (HIGHRESNET)",
+)
+_reg(
+    "ResNetMed3D",
+    "resnet_med3d",
+    "ResNetMed3D",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 8, 8, 8, 2)],
+    description=f"{_ZOO}: MedicalNet ResNet-18 (RESNETMED3D)",
+)
+_reg(
+    "Unet",
+    "unet2d",
+    "Unet",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 16, 16, 2)],
+    aliases=("unet2d",),
+    description=f"{_ZOO}: the 2D U-Net (UNET2D)",
+)
+_reg(
+    "ResNet3dVAE",
+    "resnet3d_vae",
+    "ResNet3dVAE",
+    {"in_channels": 2, "num_classes": 4, "dim": (32, 32, 32)},
+    [(1, 32, 32, 32, 2)],
+    description=f"{_ZOO}: Myronenko 2018 with its VAE branch (RESNET3DVAE)",
+)
+
+# -- PnP-AdaNet and FocusNetV2
+_reg(
+    "PnPAdaNet",
+    "pnp_adanet",
+    "PnPAdaNet",
+    {},
+    [(1, 256, 256, 3)],
+    aliases=("pnp_adanet",),
+    description="PnP-AdaNet dilated residual segmenter (2.5D, 3 slices)",
+)
+_reg(
+    "PnPAdaNetCritic",
+    "pnp_adanet",
+    "PnPAdaNetCritic",
+    {},
+    [(1, 256, 256, 32)],
+    description="PnP-AdaNet multi-level feature critic (DCM)",
+)
+_reg(
+    "PnPAdaNetMaskCritic",
+    "pnp_adanet",
+    "PnPAdaNetMaskCritic",
+    {},
+    [(1, 256, 256, 5)],
+    description="PnP-AdaNet critic on the segmentation logits",
+)
+_reg(
+    "FocusNetV2",
+    "focusnet",
+    "FocusNetV2",
+    {"sol": True, "sos": True},
+    [(1, 40, 192, 192, 1)],
+    aliases=("focusnet",),
+    description="FocusNetV2: S-Net + SOL heatmaps + per-organ SOS crops",
+)
+_reg(
+    "SNet",
+    "focusnet",
+    "FocusNetV2",
+    {"sol": False, "sos": False},
+    [(1, 8, 32, 32, 1)],
+    aliases=("s_net",),
+    description="FocusNetV2's S-Net alone",
+)
+_reg(
+    "ConvAE",
+    "focusnet",
+    "ConvAE",
+    {},
+    [(1, 8, 64, 64, 1)],
+    description="FocusNetV2's shape autoencoder (512-d latent, 8x64x64 masks)",
+)
