@@ -259,3 +259,62 @@ _reg(
     [(1, 8, 64, 64, 1)],
     description="FocusNetV2's shape autoencoder (512-d latent, 8x64x64 masks)",
 )
+_reg(
+    "SinglePathDenseNet",
+    "densenet3d",
+    "SinglePathDenseNet",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 4, 4, 4, 2)],
+    aliases=("densenet1",),
+    description=f"{_ZOO}: single-path 3D DenseNet (DENSENET1)",
+)
+_reg(
+    "DualPathDenseNet",
+    "densenet3d",
+    "DualPathDenseNet",
+    {"in_channels": 3, "num_classes": 4},
+    [(1, 4, 4, 4, 3)],
+    aliases=("densenet2",),
+    description=f"{_ZOO}: dual-path 3D DenseNet (DENSENET2)",
+)
+_reg(
+    "DualSingleDenseNet",
+    "densenet3d",
+    "DualSingleDenseNet",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 4, 4, 4, 2)],
+    aliases=("densenet3",),
+    description=f"{_ZOO}: dual-single 3D DenseNet (DENSENET3)",
+)
+_reg(
+    "HyperDenseNet_2Mod",
+    "hyperdensenet",
+    "HyperDenseNet_2Mod",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 19, 19, 19, 2)],
+    description=f"{_ZOO}: HyperDenseNet, two modalities (HYPERDENSENET, in=2)",
+)
+_reg(
+    "HyperDenseNet",
+    "hyperdensenet",
+    "HyperDenseNet",
+    {"in_channels": 3, "num_classes": 4},
+    [(1, 19, 19, 19, 3)],
+    description=f"{_ZOO}: HyperDenseNet, three modalities (HYPERDENSENET, in=3)",
+)
+_reg(
+    "SkipDenseNet3D",
+    "skipdensenet3d",
+    "SkipDenseNet3D",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 16, 16, 16, 2)],
+    description=f"{_ZOO}: SkipDenseNet3D (SKIPDENSENET3D)",
+)
+_reg(
+    "DenseVoxelNet",
+    "densevoxelnet",
+    "DenseVoxelNet",
+    {"in_channels": 2, "num_classes": 4},
+    [(1, 8, 8, 8, 2)],
+    description=f"{_ZOO}: DenseVoxelNet, two heads (DENSEVOXELNET)",
+)

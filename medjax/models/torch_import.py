@@ -124,21 +124,32 @@ def _set(tree, path, value):
     node[path[-1]] = value
 
 
-def convert(state_dict, spec: Sequence[tuple[str, str, str]], template=None, *, name="network"):
+def convert(
+    state_dict,
+    spec: Sequence[tuple[str, str, str]],
+    template=None,
+    *,
+    name="network",
+    ignore_prefixes: Sequence[str] = (),
+):
     """Flax variables from a torch ``state_dict`` and a spec (see the module docstring).
 
     Optional torch suffixes (a bias, the BN statistics of an affine-free norm) are taken when
-    present. Every key of ``state_dict`` must be used (``num_batches_tracked`` excepted), else
-    ``ValueError`` lists the unused ones. With ``template`` (the network's variables or their
-    ``jax.eval_shape``), the result is checked by :func:`match_variables`.
+    present. Keys starting with one of ``ignore_prefixes`` (submodules an original defines but
+    never calls) are dropped; every other key must be used (``num_batches_tracked`` excepted),
+    else ``ValueError`` lists the unused ones. With ``template`` (the network's variables or their
+    ``jax.eval_shape``), every converted tensor is checked against it: a mismatch is reported by
+    its torch key and shape and the Flax path, then the whole tree by :func:`match_variables`.
     """
     sd = read_state_dict(state_dict) if not isinstance(state_dict, dict) else dict(state_dict)
     sd = {
         k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
         for k, v in sd.items()
+        if not (ignore_prefixes and k.startswith(tuple(ignore_prefixes)))
     }
     used = set()
     variables: dict = {}
+    sources = {}  # Flax path -> (torch key, converted shape), for error messages
     for flax_path, prefix, kind in spec:
         if kind not in KINDS:
             raise ValueError(
@@ -155,20 +166,32 @@ def convert(state_dict, spec: Sequence[tuple[str, str, str]], template=None, *, 
             found = True
             used.add(key)
             value = _layout(sd[key].astype(np.float32), layout, key)
-            _set(variables, [collection, *(p for p in flax_path.split("/") if p), leaf], value)
+            path = [collection, *(p for p in flax_path.split("/") if p), leaf]
+            _set(variables, path, value)
+            sources["/".join(path)] = (key, value.shape)
         if not found:
-            raise ValueError(
-                f"{name} checkpoint: missing key {prefix}.{KINDS[kind][0][0]} (for {flax_path})"
-            )
+            raise ValueError(f"{name} checkpoint: missing key {first} (for {flax_path})")
     unused = sorted(k for k in sd if k not in used and not k.endswith(_IGNORED_SUFFIXES))
     if unused:
         raise ValueError(
             f"{name} checkpoint: unexpected keys {unused[:5]}{' ...' if len(unused) > 5 else ''} "
             f"({len(unused)} not used by this network)"
         )
-    if template is not None:
-        return match_variables(template, variables, name=name)
-    return jax.tree.map(jnp.asarray, variables)
+    if template is None:
+        return jax.tree.map(jnp.asarray, variables)
+    want = _flat(dict(template))
+    for path, (key, got) in sources.items():
+        if path not in want:
+            raise ValueError(
+                f"{name} checkpoint: unexpected key {key} (shape {tuple(sd[key].shape)}); this "
+                f"network has no {path}"
+            )
+        if tuple(got) != tuple(np.shape(want[path])):
+            raise ValueError(
+                f"{name} checkpoint: {key} has shape {tuple(sd[key].shape)}, which gives {path} "
+                f"the shape {tuple(got)}; this network expects {tuple(np.shape(want[path]))}"
+            )
+    return match_variables(template, variables, name=name)
 
 
 def _flat(tree, prefix=()):

@@ -95,6 +95,20 @@ def test_conv_transpose_matches_torch(case):
     chex.assert_trees_all_close(y, ty, atol=2e-5)
 
 
+def test_grouped_conv_transpose_cpu_kernel_equals_the_grouped_convolution(monkeypatch):
+    """On CPU a grouped transposed conv runs as an ungrouped one with a block-diagonal kernel."""
+    from medjax.nn import conv as mconv
+
+    x = _x((1, 2, 2, 2, 12), 2)
+    m = layers.ConvTranspose(4, 6, strides=4, padding=1, groups=4, use_bias=False)
+    v = m.init(jax.random.key(0), x)
+    y = np.asarray(jax.jit(m.apply)(v, x))
+    monkeypatch.setattr(mconv, "enabled", False)  # the grouped lax convolution
+    ref = np.asarray(jax.jit(m.apply)(v, x))
+    assert y.shape == (1, 8, 8, 8, 4)
+    chex.assert_trees_all_close(y, ref, atol=1e-5)
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("channelwise", [True, False])
 def test_prelu_matches_torch(channelwise):
