@@ -2,7 +2,7 @@
 
     medjax train <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
     medjax eval <experiment> --workdir DIR [--variant NAME] [--config.KEY=VALUE ...]
-    medjax predict --workdir DIR <input files...> --out DIR
+    medjax predict --workdir DIR <input files...> --out DIR [--refine N]
     medjax compare <experiment> --workdir DIR [--variant NAME] [--only a,b] [--config.KEY=VALUE ...]
     medjax list [--models]
 
@@ -62,6 +62,12 @@ def _parser():
     r.add_argument("inputs", nargs="+", help="input image files")
     r.add_argument("--workdir", required=True)
     r.add_argument("--out", required=True, help="output folder for the predictions")
+    r.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="registration: refine the network's field per pair for N steps (test-time optimisation)",
+    )
 
     c = sub.add_parser(
         "compare",
@@ -227,8 +233,11 @@ def _predict(args, overrides):
         raise UsageError(
             "predict: --config overrides are not accepted (the workdir's config is used)"
         )
+    from medjax.train.workdir import needs_training
+
     workdir = pathlib.Path(args.workdir)
-    _existing_workdir(workdir)
+    if not workdir.is_dir():
+        raise UsageError(f"--workdir: expected an existing work directory, got {workdir}")
     saved = _saved_config(workdir)
     if saved is None or not saved.get("experiment"):
         raise UsageError(f"--workdir: expected {workdir}/config.json naming the experiment")
@@ -240,9 +249,22 @@ def _predict(args, overrides):
     spec = load_experiment(saved["experiment"])
     if spec.Experiment.predict is Experiment.predict:
         raise UsageError(f"experiment {spec.name!r} does not implement predict")
+    if needs_training(spec.build(config)):
+        _existing_workdir(workdir)  # a trained model needs its checkpoints
     experiment, state, step = _restore(spec, config, workdir)
+    options = {}
+    if args.refine:
+        import inspect
+
+        if "refine" not in inspect.signature(experiment.predict).parameters:
+            raise UsageError(
+                f"predict: experiment {spec.name!r} has no test-time refinement (--refine)"
+            )
+        if args.refine < 0:
+            raise UsageError(f"--refine: expected a number of steps >= 0, got {args.refine}")
+        options["refine"] = args.refine
     written = experiment.predict(
-        state, [pathlib.Path(p) for p in args.inputs], pathlib.Path(args.out)
+        state, [pathlib.Path(p) for p in args.inputs], pathlib.Path(args.out), **options
     )
     for path in written or ():
         print(path)

@@ -306,31 +306,51 @@ def make_data(config):
     return FolderData(config)
 
 
-def optimise_pair(moving, fixed, *, steps, lr, lam, init=None):
-    """Classical per-pair registration, the reference no network is trained for.
+def registration_objective(moving, fixed, u, lam):
+    """The per-pair objective ``mse(warp(moving, u), fixed) + lam * ||grad u||^2`` (a scalar)."""
+    from medjax.losses import displacement_l2_gradient, mse
+
+    return mse(ops.warp(moving, u), fixed) + lam * displacement_l2_gradient(u)
+
+
+def optimise_pair(moving, fixed, *, steps, lr, lam, init=None, keep_best=False):
+    """Classical per-pair registration: the reference no network is trained for, and refinement.
 
     Adam on a free displacement field (B, *S, 3), from ``init`` (zero by default), minimising
-    ``mse(warp(moving, u), fixed) + lam * ||grad u||^2`` for ``steps`` iterations (jit-friendly).
+    :func:`registration_objective` for ``steps`` iterations (jit-friendly). With ``keep_best`` the
+    iterate of the lowest objective is returned, ``init`` included, so the result is never worse
+    than where it started (test-time refinement of a network's field).
     """
     import optax
 
-    from medjax.losses import displacement_l2_gradient, mse
-
     tx = optax.adam(lr)
-
-    def loss(u):
-        return mse(ops.warp(moving, u), fixed) + lam * displacement_l2_gradient(u)
+    value_and_grad = jax.value_and_grad(lambda u: registration_objective(moving, fixed, u, lam))
 
     def body(_, carry):
-        u, opt = carry
-        grads = jax.grad(loss)(u)
+        u, opt, best_u, best = carry
+        value, grads = value_and_grad(u)
+        better = value < best
+        best_u = jnp.where(better, u, best_u)
+        best = jnp.where(better, value, best)
         updates, opt = tx.update(grads, opt, u)
-        return optax.apply_updates(u, updates), opt
+        return optax.apply_updates(u, updates), opt, best_u, best
 
     if init is None:
         init = jnp.zeros(moving.shape[:-1] + (moving.ndim - 2,), jnp.float32)
-    u, _ = jax.lax.fori_loop(0, steps, body, (init, tx.init(init)))
-    return u
+    carry = (init, tx.init(init), init, jnp.asarray(jnp.inf, jnp.float32))
+    u, _, best_u, best = jax.lax.fori_loop(0, steps, body, carry)
+    if not keep_best:
+        return u
+    final = registration_objective(moving, fixed, u, lam)
+    return jnp.where(final < best, u, best_u)
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def refine_displacement(moving, fixed, init, *, steps, lr, lam):
+    """Test-time refinement: ``(refined displacement, objective before, objective after)``."""
+    before = registration_objective(moving, fixed, init, lam)
+    u = optimise_pair(moving, fixed, steps=steps, lr=lr, lam=lam, init=init, keep_best=True)
+    return u, before, registration_objective(moving, fixed, u, lam)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -352,7 +372,18 @@ def build_model(config, n_modalities):
         dtype=dtype,
     )
     if m.kind == "joint":
-        return JointRegSeg(**common, merge=m.merge, original_offset=bool(m.original_offset))
+        inits = {"identity": 1e-5, "original": None}
+        if m.reg_init not in inits:
+            raise ValueError(
+                f"config.model.reg_init: expected one of {sorted(inits)}, got {m.reg_init!r}"
+            )
+        return JointRegSeg(
+            **common,
+            merge=m.merge,
+            original_offset=bool(m.original_offset),
+            phi_init_std=inits[m.reg_init],
+            step_scale=float(m.step_scale),
+        )
     if m.kind == "segonly":
         return SegmentationNet(**common)
     if m.kind == "voxelmorph":
@@ -465,7 +496,12 @@ class Experiment(medjax.train.Experiment):
         if self.kind == "joint":
             out = self.model.apply(variables, batch["moving"], batch["fixed"])
             return joint_loss_terms(
-                out, batch, masked=self.masked, alpha=float(cfg.loss.alpha), beta=self.beta
+                out,
+                batch,
+                masked=self.masked,
+                alpha=float(cfg.loss.alpha),
+                beta=self.beta,
+                mask_normalize=cfg.loss.mask_normalize,
             )
         if self.kind == "voxelmorph":
             out = self.model.apply(variables, batch["moving"], batch["fixed"])
@@ -592,6 +628,42 @@ class Experiment(medjax.train.Experiment):
                     m[f"dice_{name}_tumour_after"] = _dice_mean(warped_lab, af, n_anat, region)
         return m, warped_lab
 
+    def refine(self, moving, fixed, displacement, steps=None):
+        """Test-time refinement of a field (``config.eval``): ``(field, objective before, after)``."""
+        e = self.config.eval
+        steps = int(e.refine_steps) if steps is None else int(steps)
+        u, before, after = refine_displacement(
+            jnp.asarray(moving),
+            jnp.asarray(fixed),
+            jnp.asarray(displacement),
+            steps=steps,
+            lr=float(e.refine_learning_rate),
+            lam=float(e.refine_lam),
+        )
+        return np.asarray(u), float(before), float(after)
+
+    def _refined_metrics(self, pair, out):
+        """The pair's metrics after test-time refinement, named ``*_refined`` (empty when off)."""
+        if int(self.config.eval.refine_steps) <= 0 or self.kind not in ("joint", "voxelmorph"):
+            return {}
+        moving, fixed = pair["moving"][None], pair["fixed"][None]
+        t0 = time.perf_counter()
+        u, before, after = self.refine(moving, fixed, out["displacement"])
+        seconds = time.perf_counter() - t0
+        warped = np.asarray(ops.warp(jnp.asarray(moving), jnp.asarray(u)))
+        m, _ = self.pair_metrics(pair, {"displacement": u, "warped": warped})
+        keep = (
+            "anatomical_dice_after",
+            "dice_near_tumour_after",
+            "dice_far_tumour_after",
+            "image_mse_after",
+            "folding_percent",
+            "jacobian_std",
+        )
+        out = {f"{k.removesuffix('_after')}_refined": m[k] for k in keep if k in m}
+        out.update(refine_objective_before=before, refine_objective_after=after, refine_s=seconds)
+        return out
+
     def evaluate(self, state, workdir):
         """Registration / segmentation / deformation metrics on the test pairs; writes figures.
 
@@ -613,6 +685,7 @@ class Experiment(medjax.train.Experiment):
             if idx > 0:
                 infer_times.append(time.perf_counter() - ti)
             m, warped_lab = self.pair_metrics(pair, out)
+            m.update(self._refined_metrics(pair, out))
             if "seg_moving" in out and self.data.has_tumour:
                 segs = [
                     tumour_dice(out[f"seg_{s}"][0], pair[f"tumour_{s}"], n_cls)
@@ -669,7 +742,20 @@ class Experiment(medjax.train.Experiment):
         for c in (*_class_names(int(self.config.model.n_classes)), "whole"):
             if f"tumour_dice_{c}" in results:
                 rows.append([f"tumour Dice {c.upper()}", "-", cell(f"tumour_dice_{c}")])
-        lines.append(markdown_table(["metric", "before (identity)", "after"], rows))
+        refined = "anatomical_dice_refined" in results
+        header = ["metric", "before (identity)", "after"]
+        if refined:
+            header.append(f"after + {int(self.config.eval.refine_steps)}-step refinement")
+            keys = {
+                "anatomical Dice": "anatomical_dice_refined",
+                "Dice near tumour": "dice_near_tumour_refined",
+                "Dice far from tumour": "dice_far_tumour_refined",
+                "image MSE": "image_mse_refined",
+                "% folding voxels": "folding_percent_refined",
+                "Jacobian std": "jacobian_std_refined",
+            }
+            rows = [r + [cell(keys[r[0]]) if r[0] in keys else "-"] for r in rows]
+        lines.append(markdown_table(header, rows))
         per = results.get("per_pair", {})
         gain = paired_bootstrap(
             per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", [])
@@ -684,6 +770,18 @@ class Experiment(medjax.train.Experiment):
             ]
         elif n < 2:
             lines += ["", f"these numbers rest on {n} test pair(s): no interval can be given"]
+        if refined:
+            g = paired_bootstrap(
+                per.get("anatomical_dice_after", []), per.get("anatomical_dice_refined", [])
+            )
+            lines += [
+                "",
+                f"test-time refinement ({int(self.config.eval.refine_steps)} Adam steps per pair, "
+                f"{results.get('refine_s', float('nan')):.2f} s per pair): anatomical Dice "
+                f"{gain_cell(g) if g else '-'} over the network's field; objective "
+                f"{results.get('refine_objective_before', float('nan')):.4f} -> "
+                f"{results.get('refine_objective_after', float('nan')):.4f}",
+            ]
         return "\n".join(lines)
 
     # ---------------------------------------------------------------- comparison (medjax compare)
@@ -720,6 +818,27 @@ class Experiment(medjax.train.Experiment):
             tw = r.get("train_wall_s")
             cells.append(f"{tw:.0f}" if isinstance(tw, int | float) else "-")
             body.append(cells)
+            if "anatomical_dice_refined" in r:  # the same model with test-time refinement
+                g = paired_bootstrap(
+                    per.get("anatomical_dice_before", []), per.get("anatomical_dice_refined", [])
+                )
+                steps = r.get("config", {}).get("eval", {}).get("refine_steps", "?")
+                extra = [f"{cells[0]} + {steps}-step refinement"]
+                for i, col in enumerate(self.compare_columns):
+                    if i == 1:
+                        extra.append(gain_cell(g) if g else "-")
+                    key = col[1].removesuffix("_after")
+                    key = {
+                        "folding_percent": "folding_percent",
+                        "jacobian_std": "jacobian_std",
+                    }.get(key, key)
+                    rkey = f"{key}_refined" if f"{key}_refined" in r else None
+                    digits = col[2] if len(col) > 2 else 3
+                    extra.append(
+                        mean_std(r.get(rkey), r.get(f"{rkey}_std"), digits) if rkey else "-"
+                    )
+                extra.append(f"+{r.get('refine_s', float('nan')):.1f}/pair")
+                body.append(extra)
         return markdown_table(head, body)
 
     def compare_figures(self, rows, workdir):
@@ -797,15 +916,22 @@ class Experiment(medjax.train.Experiment):
 
     # ---------------------------------------------------------------- prediction
 
-    def predict(self, state, inputs, out_dir):
-        """Register a moving/fixed NIfTI pair: ``inputs = [moving, fixed]`` -> written NIfTI paths.
+    def predict(self, state, inputs, out_dir, *, refine: int = 0):
+        """Register a moving scan onto a fixed one: ``inputs = [moving, fixed]`` -> written NIfTI paths.
 
-        Writes ``displacement.nii.gz`` (*S, 3) voxels and ``warped.nii.gz`` (*S, M) on the fixed
-        grid (fixed affine), ``seg_moving.nii.gz`` (moving affine), ``seg_fixed.nii.gz`` and
-        ``warped_seg.nii.gz`` (fixed affine) when the model segments. Both images go through
-        :func:`preprocess` at their own size rounded up to the network's size multiple (as
-        training does with a crop that follows the data); results are cropped back.
+        Scans on different grids are first brought together in world space: the moving scan is
+        resampled onto the fixed scan's grid through both affines (``medjax.data.io.resample_to``).
+        Every output is then on the fixed grid, with the fixed scan's affine and header:
+        ``displacement.nii.gz`` (*S, 3), in the fixed grid's voxels, ``warped.nii.gz`` (*S, M) and,
+        when the model segments, ``seg_moving.nii.gz``, ``seg_fixed.nii.gz`` and
+        ``warped_seg.nii.gz``. Both images go through :func:`preprocess` at the fixed grid's size
+        rounded up to the network's size multiple (as training does with a crop that follows the
+        data); results are cropped back. ``refine`` > 0 refines the network's field for that many
+        steps (the ``optimise`` reference's objective, started from the network's field; never
+        worse on it) and writes ``predict.json`` with the objective before and after.
         """
+        from medjax.data.io import resample_to, same_grid
+
         inputs = [pathlib.Path(p) for p in inputs]
         if len(inputs) != 2:
             raise ValueError(f"inputs: expected [moving, fixed] (2 files), got {len(inputs)}")
@@ -817,17 +943,32 @@ class Experiment(medjax.train.Experiment):
                     f"inputs ({name}): expected a 3D volume with {n_mod} channel(s), "
                     f"got array shape {im.array.shape}"
                 )
-        if mov_img.spatial_shape != fix_img.spatial_shape:
-            raise ValueError(
-                f"inputs (fixed): expected the moving image's spatial shape "
-                f"{mov_img.spatial_shape}, got {fix_img.spatial_shape}"
-            )
-        shape = mov_img.spatial_shape
+        resampled = not same_grid(mov_img, fix_img)
+        if resampled:
+            mov_img = resample_to(mov_img, fix_img)
+        shape = fix_img.spatial_shape
         factor = size_factor(self.config)
         padded = tuple(-(-s // factor) * factor for s in shape)
         moving = preprocess(mov_img.array, padded)[None]
         fixed = preprocess(fix_img.array, padded)[None]
         out = self.forward(state, moving, fixed)
+        info = {
+            "moving": str(inputs[0]),
+            "fixed": str(inputs[1]),
+            "kind": self.kind,
+            "moving_resampled_onto_fixed_grid": resampled,
+            "grid": list(shape),
+        }
+        if refine:
+            t0 = time.perf_counter()
+            u, before, after = self.refine(moving, fixed, out["displacement"], steps=int(refine))
+            out["displacement"] = u
+            info.update(
+                refine_steps=int(refine),
+                refine_objective_before=before,
+                refine_objective_after=after,
+                refine_s=time.perf_counter() - t0,
+            )
         lo = [(p - s) // 2 for p, s in zip(padded, shape, strict=True)]
         crop = tuple(slice(a, a + s) for a, s in zip(lo, shape, strict=True))
         disp = out["displacement"][0][crop]
@@ -845,12 +986,11 @@ class Experiment(medjax.train.Experiment):
             wseg = np.asarray(
                 ops.warp(seg_m[None, ..., None], disp[None], order=0, padding="border")
             )[0, ..., 0]
+            like_m = fix_img if resampled else mov_img
             written += [
-                save_image(out_dir / "seg_moving.nii.gz", seg_m, like=mov_img),
+                save_image(out_dir / "seg_moving.nii.gz", seg_m, like=like_m),
                 save_image(out_dir / "seg_fixed.nii.gz", seg_f, like=fix_img),
                 save_image(out_dir / "warped_seg.nii.gz", wseg, like=fix_img),
             ]
-        (out_dir / "predict.json").write_text(
-            json.dumps({"moving": str(inputs[0]), "fixed": str(inputs[1]), "kind": self.kind})
-        )
+        (out_dir / "predict.json").write_text(json.dumps(info, indent=2) + "\n")
         return [pathlib.Path(p) for p in written]

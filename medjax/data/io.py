@@ -27,6 +27,8 @@ __all__ = [
     "remap_labels",
     "reorient_to_ras",
     "resample_image",
+    "resample_to",
+    "same_grid",
     "save_image",
 ]
 
@@ -265,6 +267,50 @@ def resample_image(image: Image, spacing: float | Sequence[float]) -> Image:
     affine = image.affine.copy()
     affine[:3, :n] = affine[:3, :n] * scale[None, :]
     return image.replace(array=array, affine=affine)
+
+
+def same_grid(a: Image, b: Image, *, atol: float = 1e-3) -> bool:
+    """Whether two images share one voxel grid: the same spatial shape and (to ``atol`` mm) affine."""
+    return a.spatial_shape == b.spatial_shape and np.allclose(a.affine, b.affine, atol=atol)
+
+
+def resample_to(image: Image, like: Image, *, order: int | None = None, fill: float = 0.0) -> Image:
+    """``image`` resampled onto ``like``'s voxel grid through both affines (world space).
+
+    Each voxel of ``like`` is mapped to world coordinates by ``like.affine`` and back into
+    ``image``'s voxels by the inverse of ``image.affine``, and sampled there (linear for images,
+    nearest for labels unless ``order`` is given; ``fill`` outside ``image``). The result has
+    ``like``'s spatial shape and affine: a registration tool's first step when two scans lie on
+    different grids (other sizes, spacings or orientations).
+    """
+    from scipy import ndimage
+
+    n = len(image.spatial_shape)
+    if len(like.spatial_shape) != n:
+        raise ValueError(
+            f"like: expected a {n}D grid like the image's, got spatial shape {like.spatial_shape}"
+        )
+    m = np.linalg.inv(image.affine) @ like.affine  # like voxel -> image voxel
+    matrix, offset = m[:n, :n], m[:n, 3]
+    order = (0 if image.is_label else 1) if order is None else int(order)
+
+    def one(channel):
+        return ndimage.affine_transform(
+            channel,
+            matrix,
+            offset=offset,
+            output_shape=like.spatial_shape,
+            order=order,
+            mode="constant",
+            cval=fill,
+        )
+
+    if image.is_label:
+        array = one(image.array).astype(image.array.dtype)
+    else:
+        array = np.stack([one(image.array[..., c]) for c in range(image.num_channels)], axis=-1)
+        array = array.astype(np.float32)
+    return image.replace(array=array, affine=like.affine.copy())
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -35,7 +35,7 @@ def background_mask(outputs):
     return m[..., None].astype(jnp.float32)
 
 
-def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
+def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0, mask_normalize="total"):
     """All terms of the joint loss as a dict of scalars: ``loss``, ``reg``, ``seg``, ``phi_l1``.
 
     ``outputs``: the dict of :class:`JointRegSeg`. ``batch``: ``moving``/``fixed`` (B, *S, C) and, when
@@ -43,7 +43,7 @@ def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
     L = L_reg + beta * L_seg + alpha * sum|Phi - 0.5|, with
     L_seg = 0.5 CE(seg_moving, tumour_moving) + 0.5 CE(seg_fixed, tumour_fixed) and L_reg the MSE
     between fixed and warped, or, when ``masked``, mean((R - D)^2 * M) over the TOTAL voxel count
-    (M from :func:`background_mask`).
+    (M from :func:`background_mask`; ``mask_normalize="mask"`` divides by the mask's size instead).
     """
     for k in ("fixed",) + (("tumour_moving", "tumour_fixed") if beta else ()):
         if k not in batch:
@@ -51,7 +51,7 @@ def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
     fixed = batch["fixed"].astype(jnp.float32)
     warped = outputs["warped"]
     if masked:
-        l_reg = mse(warped, fixed, mask=background_mask(outputs), normalize="total")
+        l_reg = mse(warped, fixed, mask=background_mask(outputs), normalize=mask_normalize)
     else:
         l_reg = mse(warped, fixed)
     if beta:
@@ -65,9 +65,11 @@ def joint_loss_terms(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
     return {"loss": total, "reg": l_reg, "seg": l_seg, "phi_l1": l_phi}
 
 
-def joint_loss(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0):
+def joint_loss(outputs, batch, *, masked=True, alpha=1e-10, beta=1.0, mask_normalize="total"):
     """Scalar joint loss L = L_reg + beta * L_seg + alpha * sum|Phi - 0.5| (see :func:`joint_loss_terms`)."""
-    return joint_loss_terms(outputs, batch, masked=masked, alpha=alpha, beta=beta)["loss"]
+    return joint_loss_terms(
+        outputs, batch, masked=masked, alpha=alpha, beta=beta, mask_normalize=mask_normalize
+    )["loss"]
 
 
 def voxelmorph_loss_terms(outputs, batch, *, similarity="mse", lam=0.01, ncc_window=9):

@@ -80,7 +80,11 @@ class JointRegSeg(nn.Module):
     n_classes: int = 4
     merge: str = "subtract"
     original_offset: bool = False
-    phi_init_std: float = 1e-5
+    #: the registration head's kernel init: normal(phi_init_std), so that Phi starts at 0.5 (the
+    #: identity) up to ~1e-5; ``phi_init_std=None`` uses Keras's glorot-uniform, as the original
+    phi_init_std: float | None = 1e-5
+    #: Phi's step around the identity (``medjax.ops.integrate_gradients``); 1.0 is the paper's
+    step_scale: float = 1.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -121,14 +125,20 @@ class JointRegSeg(nn.Module):
             (1,) * ndim,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(self.phi_init_std),
+            kernel_init=(
+                nn.initializers.glorot_uniform()
+                if self.phi_init_std is None
+                else nn.initializers.normal(self.phi_init_std)
+            ),
             bias_init=nn.initializers.zeros,
             name="reg_head",
             conv_general_dilated=conv.conv_general_dilated,
         )(reg_feats)
         phi = jax.nn.sigmoid(phi_logits.astype(jnp.float32))
 
-        grid = ops.integrate_gradients(phi, original_offset=self.original_offset)
+        grid = ops.integrate_gradients(
+            phi, original_offset=self.original_offset, step_scale=self.step_scale
+        )
         displacement = ops.grid_to_displacement(grid)
         seg_s = jax.nn.softmax(logits_s, axis=-1)
         warped = ops.warp(moving.astype(jnp.float32), displacement, order=1, padding="border")

@@ -10,19 +10,27 @@ from medjax.ops.warp import _check_field, warp
 __all__ = ["integrate_gradients", "integrate_velocity"]
 
 
-def integrate_gradients(phi, *, original_offset=False):
+def integrate_gradients(phi, *, original_offset=False, step_scale=1.0):
     """Sampling grid from a deformation gradient: (B, *S, ndim) -> (B, *S, ndim), voxel coordinates.
 
     ``grid_k = cumsum(2 * phi_k, axis=spatial axis k) - 1`` (Christodoulidis et al. 2018, as used by
     Estienne et al. 2020), so ``phi == 0.5`` everywhere is exactly the identity grid. The original
     Keras code omits the ``- 1``, which shifts every image by one voxel at the identity;
     ``original_offset=True`` reproduces that. Convert with ``grid_to_displacement`` before ``warp``.
+    ``step_scale`` s narrows the step between neighbouring grid points around the identity's 1:
+    ``step = 1 + s (2 phi - 1)`` lies in ``(1 - s, 1 + s)`` (s = 1: the paper's ``2 phi`` in (0, 2)).
     """
     phi = jnp.asarray(phi)
     ndim = _check_field("phi", phi)
     if not jnp.issubdtype(phi.dtype, jnp.floating):
         phi = phi.astype(jnp.float32)
-    grids = [jnp.cumsum(2.0 * phi[..., k], axis=1 + k) for k in range(ndim)]
+    if not 0 < float(step_scale) <= 1:
+        raise ValueError(f"step_scale: expected a value in (0, 1], got {step_scale}")
+    if float(step_scale) == 1.0:
+        steps = [2.0 * phi[..., k] for k in range(ndim)]
+    else:
+        steps = [1.0 + step_scale * (2.0 * phi[..., k] - 1.0) for k in range(ndim)]
+    grids = [jnp.cumsum(steps[k], axis=1 + k) for k in range(ndim)]
     grid = jnp.stack(grids, axis=-1)
     return grid if original_offset else grid - 1.0
 

@@ -297,3 +297,34 @@ def test_resample_closed_form(tmp_path):
     np.testing.assert_array_equal(rl.array, (2 * j[..., 0] > 3).astype(np.int32) * 2)
     with pytest.raises(ValueError, match="spacing"):
         io.load_image(p, spacing=(1.0, -1.0, 1.0))
+
+
+def test_resample_to_matches_nibabel_and_keeps_the_target_grid(tmp_path):
+    """resample_to brings an image onto another grid through both affines (world space)."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    from medjax.data.io import load_image, resample_to, same_grid
+
+    rng = np.random.default_rng(0)
+    a_aff = np.array([[-2.0, 0, 0, 30.0], [0, 2.0, 0, -10.0], [0, 0, 3.0, 4.0], [0, 0, 0, 1]])
+    b_aff = np.array([[1.5, 0.2, 0, -5.0], [0, 1.5, 0, 2.0], [0.1, 0, 2.0, 1.0], [0, 0, 0, 1]])
+    data = rng.normal(size=(12, 14, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, a_aff), str(tmp_path / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((10, 11, 8), np.float32), b_aff), str(tmp_path / "b.nii.gz"))
+    a, b = load_image(tmp_path / "a.nii.gz"), load_image(tmp_path / "b.nii.gz")
+    out = resample_to(a, b)
+    assert (
+        out.spatial_shape == (10, 11, 8) and np.allclose(out.affine, b.affine) and same_grid(out, b)
+    )
+    ref = resample_from_to(
+        nib.load(str(tmp_path / "a.nii.gz")),
+        nib.load(str(tmp_path / "b.nii.gz")),
+        order=1,
+        mode="constant",
+        cval=0.0,
+    )
+    np.testing.assert_allclose(out.array[..., 0], np.asarray(ref.dataobj), atol=1e-4)
+    assert not same_grid(a, b) and same_grid(a, a)
+    with pytest.raises(ValueError, match="like"):
+        resample_to(a, a.replace(array=np.zeros((4, 4, 1), np.float32), affine=np.eye(3)))
