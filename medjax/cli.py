@@ -344,7 +344,7 @@ def main(argv=None) -> int:
             raise
         from medjax.train.loop import NonFiniteLossError
 
-        if isinstance(e, NonFiniteLossError):
+        if isinstance(e, NonFiniteLossError | MemoryError):
             print(f"medjax: error: {_one_line(e)}", file=sys.stderr)
             return EXIT_FAILED
         # Usage and config errors, bad data and every ValueError of building, training,

@@ -432,6 +432,8 @@ class Experiment(medjax.train.Experiment):
 
     eval_metric = "val_loss"
     eval_mode = "min"
+    #: the config fields a training step's memory grows with (named when a step cannot fit)
+    memory_fields = ("batch_size", "synthetic.shape", "brats_crop", "oasis_crop", "model.f")
 
     def __init__(self, config):
         super().__init__(config)

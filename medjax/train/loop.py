@@ -215,6 +215,59 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def _gib(n):
+    if n >= 2**28:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**18 else f"{n:.1f} B"
+
+
+def _memory_fields(experiment, config):
+    """``"batch_size=2, synthetic.shape=(32, 32, 32), ..."``: the config fields the experiment
+    names as driving its memory (``memory_fields``), with their values."""
+    out = []
+    for key in getattr(experiment, "memory_fields", ("batch_size",)):
+        node = config
+        try:
+            for part in key.split("."):
+                node = node[part]
+        except (KeyError, TypeError):
+            continue
+        out.append(f"{key}={tuple(node) if isinstance(node, list) else node}")
+    return ", ".join(out)
+
+
+def compile_checked(step_fn, state, batch, mesh, experiment, config, stage_name):
+    """Compile ``step_fn`` for these arguments and check its memory before the first step runs.
+
+    XLA's memory analysis of the compiled step (arguments + outputs - aliased + temporaries, on
+    each device) is compared with what the devices have (:func:`medjax.train.mesh.available_memory`);
+    a step that cannot fit raises ``MemoryError`` with one line naming both sizes and the config
+    fields that drive them. Returns the compiled step.
+    """
+    compiled = step_fn.lower(state, batch).compile()
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return compiled
+    need = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    shared = local and local[0].platform == "cpu"  # CPU devices share the host's memory
+    total = need * (len(local) if shared else 1)
+    have = _mesh.available_memory(local[0] if local else None)
+    if have is not None and total > have:
+        raise MemoryError(
+            f"stage {stage_name!r}: one training step needs {_gib(total)} "
+            f"({'on ' + str(len(local)) + ' CPU devices' if shared else 'per device'}), but "
+            f"{_gib(have)} is available; it grows with {_memory_fields(experiment, config)} "
+            "(lower them, or use a device with more memory)"
+        )
+    return compiled
+
+
 class _Run:
     """The state of one ``fit`` call: checkpoints, iterators, writers and the train state."""
 
@@ -429,6 +482,7 @@ class _Run:
             )
         iterator = self._iterator(stage)
         step_fn = _steps.compile_step(stage.step, self.mesh, donate=True)
+        compiled = None
         t_stage = time.perf_counter()
         first = self.step
         while self.step < end and not self.stopped_early:
@@ -444,8 +498,12 @@ class _Run:
                 )
                 return False
             batch = _mesh.shard_batch(host_batch, self.mesh)
+            if compiled is None:  # compile once, and check its memory before running it
+                compiled = compile_checked(
+                    step_fn, self.state, batch, self.mesh, self.experiment, self.config, stage.name
+                )
             with jax.named_scope(f"train_step/{stage.name}"):
-                self.state, metrics = step_fn(self.state, batch)
+                self.state, metrics = compiled(self.state, batch)
             self.step += 1
             step = self.step
             if "loss" not in metrics:

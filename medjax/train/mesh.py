@@ -18,6 +18,7 @@ __all__ = [
     "shard_batch",
     "replicate",
     "initialize_distributed",
+    "available_memory",
 ]
 
 DATA_AXIS = "data"
@@ -165,3 +166,28 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 def _use_gloo_on_cpu():
     # Only the CPU backend reads this; multi-process CPU needs gloo, accelerators ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes a compiled program may use on ``device`` (default: the first local one), or None.
+
+    ``MEDJAX_DEVICE_MEMORY_BYTES`` overrides it (tests, or a share of a machine). Accelerators report
+    their limit less what is in use (``memory_stats``); the CPU backend has the host's available
+    memory (``MemAvailable`` of ``/proc/meminfo``), shared by all its devices.
+    """
+    env = os.environ.get("MEDJAX_DEVICE_MEMORY_BYTES")
+    if env:
+        return int(float(env))
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None

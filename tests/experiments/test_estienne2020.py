@@ -529,3 +529,13 @@ def test_predict_on_scans_of_different_grids(tmp_path, shared_data):
         info["refine_steps"] == 3
         and info["refine_objective_after"] <= info["refine_objective_before"]
     )
+
+
+def test_memory_error_names_the_fields_that_drive_the_step():
+    from medjax.train import load_experiment
+    from medjax.train.loop import _memory_fields
+
+    cfg = _config("data=oasis", "oasis_crop=(160,176,208)")
+    text = _memory_fields(load_experiment("estienne2020").build(cfg), cfg)
+    assert "batch_size=2" in text and "oasis_crop=(160, 176, 208)" in text and "model.f=4" in text
+

@@ -362,3 +362,15 @@ def test_an_iterator_without_get_state_is_refused(tmp_path, monkeypatch):
         ValueError, match=r"train_iterator\(\): expected an iterator with get_state"
     ):
         fit(exp, cfg, tmp_path, stream=io.StringIO())
+
+
+def test_a_step_that_cannot_fit_stops_before_the_first_step(tmp_path, monkeypatch):
+    """XLA's memory analysis of the compiled step against the devices' memory (here 16 bytes)."""
+    monkeypatch.setenv("MEDJAX_DEVICE_MEMORY_BYTES", "16")
+    with pytest.raises(MemoryError, match=r"one training step needs .* but 16.0 B is available"):
+        _run(tmp_path, "num_steps=3")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert read_metrics(tmp_path / "metrics.jsonl") == []  # not one step ran
+    monkeypatch.setenv("MEDJAX_DEVICE_MEMORY_BYTES", str(2**30))
+    _, summary = _run(tmp_path, "num_steps=3")
+    assert summary["step"] == 3
