@@ -54,6 +54,9 @@ _DISPATCH = [
     # (lhs shape, rhs shape, strides, padding, extra keywords, expected lowering)
     ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {}, "shifted"),
     # 5^3 kernels (125 offsets) stay on XLA: the unrolled products compile too slowly
+    # strided, not patch: XLA's forward, the input gradient by phase decomposition
+    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 8), (2, 2, 2), "SAME", {}, "strided"),
+    ((2, 32, 32, 32, 4), (7, 7, 7, 4, 8), (2, 2, 2), [(3, 3)] * 3, {}, "strided"),
     ((2, 16, 16, 16, 4), (5, 5, 5, 4, 4), (1, 1, 1), "SAME", {}, "xla"),
     ((2, 32, 32, 32, 64), (3, 3, 3, 64, 64), (1, 1, 1), "SAME", {}, "xla"),
     ((2, 32, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "SAME", {}, "patch"),
@@ -73,8 +76,9 @@ _DISPATCH = [
     ((2, 32, 32, 32, 4), (2, 2, 2, 4, 4), (1, 1, 1), "SAME", {}, "xla"),
     # 1^d kernels are a plain matrix product.
     ((2, 32, 32, 32, 4), (1, 1, 1, 4, 3), (1, 1, 1), "SAME", {}, "patch"),
-    # SAME with a size not divisible by the stride pads: not a pure patch convolution.
-    ((2, 33, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "SAME", {}, "xla"),
+    # SAME with a size not divisible by the stride pads: not a pure patch convolution, so the
+    # strided lowering (XLA's forward, phase-decomposed input gradient).
+    ((2, 33, 32, 32, 4), (2, 2, 2, 4, 8), (2, 2, 2), "SAME", {}, "strided"),
 ]
 
 
@@ -212,3 +216,37 @@ def test_up_conv_act_same_params_and_output_as_flax_conv_transpose():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+STRIDED = [
+    # spatial, C_in, C_out, kernel, stride, padding
+    ((9, 10, 8), 3, 4, (3, 3, 3), (2, 2, 2), "SAME"),
+    ((11, 9, 10), 2, 3, (3, 3, 3), (2, 3, 2), [(1, 1), (0, 2), (1, 0)]),
+    ((12, 12, 12), 2, 5, (7, 7, 7), (2, 2, 2), [(3, 3)] * 3),
+    ((9, 9, 9), 3, 2, (2, 2, 2), (3, 3, 3), "VALID"),  # kernel shorter than the stride
+    ((10, 12), 3, 4, (3, 3), (2, 2), "SAME"),  # 2D
+]
+
+
+@pytest.mark.parametrize("case", STRIDED)
+def test_strided_input_gradient_by_phases_matches_lax(case):
+    spatial, cin, cout, k, s, pad = case
+    x, w = _data(spatial, cin, cout, k, seed=3)
+    x = np.stack([x, 0.5 * x[::-1]])  # batch 2
+    ours = lambda x, w: (_ours(x, w, s, pad) ** 2).sum()
+    ref = lambda x, w: (_lax(x, w, s, pad) ** 2).sum()
+    assert conv.choose(x.shape, w.shape, s, pad, dimension_numbers=conv._specs(x.ndim)) == "strided"
+    np.testing.assert_allclose(_ours(x, w, s, pad), _lax(x, w, s, pad), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
+
+
+def test_strided_input_gradient_finite_differences():
+    """Finite differences of the phase-decomposed input gradient (float32, loose tolerance)."""
+    from jax.test_util import check_grads
+
+    x, w = _data((7, 6, 5), 2, 3, (3, 3, 3), seed=5)
+    x = x[None]
+    f = lambda x: _ours(x, w, (2, 2, 2), "SAME")
+    check_grads(f, (x,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2, eps=1e-2)
+
