@@ -8,8 +8,9 @@ An experiment declares its comparison rows in ``config.py``::
 Each row is the base variant's config plus the row's overrides (plus the command's own
 ``--config.KEY=VALUE``). It is trained with :func:`medjax.train.fit` in ``W/<variant>/<row>``
 (rerun to resume: a finished row is neither retrained nor re-evaluated while its config and
-checkpoint are unchanged; another base variant works in another folder, so it never reuses stale
-rows), evaluated with the experiment's ``evaluate``, and tabulated into ``W/compare.md`` with
+checkpoint are unchanged; a row whose resolved config equals a finished row's takes that row's
+results instead of training the same model twice; another base variant works in another folder,
+so it never reuses stale rows), evaluated with the experiment's ``evaluate``, and tabulated into ``W/compare.md`` with
 ``W/compare.json`` (row name -> that row's ``results.json`` content). The table is the
 experiment's ``compare_table(rows)`` when it defines one, else the columns of its
 ``compare_columns`` (``[(header, results key[, digits])]``); its ``compare_figures(rows, W)``, when
@@ -66,12 +67,32 @@ def _reusable(path: pathlib.Path, config_dict: dict, step) -> dict | None:
     return old
 
 
+def _twin(workdir: pathlib.Path, config_dict: dict) -> dict | None:
+    """Results of another finished row of this comparison with exactly this config, if any."""
+    for other in sorted(workdir.parent.glob("*/results.json")):
+        if other.parent == workdir:
+            continue
+        try:
+            res = json.loads(other.read_text())
+        except json.JSONDecodeError:
+            continue
+        if res.get("config") == config_dict and "same_as" not in res:
+            return res
+    return None
+
+
 def _run_row(spec, name, label, config, workdir, log):
     from medjax.train.loop import fit
     from medjax.train.workdir import evaluate_workdir, needs_training, restore_for_eval
 
     workdir.mkdir(parents=True, exist_ok=True)
     config_dict = json.loads(config_to_json(config))
+    twin = None if (workdir / "checkpoints").is_dir() else _twin(workdir, config_dict)
+    if twin is not None:  # the same config as a finished row: its results, not a second training
+        log(f"same config as row {twin.get('row')!r}: reusing its results")
+        record = {**twin, "row": name, "label": label, "same_as": twin.get("row")}
+        write_text_atomic(workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n")
+        return record
     experiment = spec.build(config)
     timing_path = workdir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}

@@ -34,3 +34,12 @@ def get_config(variant=None):
         c.log_every = 10
         c.checkpoint_every = 50
     return c
+
+
+def compare_rows(variant=None):
+    """Rows of the engine's compare test: two learning rates, and a row identical to the first."""
+    return {
+        "a_slow": ("(a) Adam 0.05", ["optimizer.learning_rate=0.05"]),
+        "b_fast": ("(b) Adam 0.2", ["optimizer.learning_rate=0.2"]),
+        "c_same": ("(c) the same as (a)", ["optimizer.learning_rate=0.05"]),
+    }

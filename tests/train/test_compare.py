@@ -1,0 +1,44 @@
+"""medjax compare on the toy experiment: rows in W/<variant>/<row>, compare.json/md, a row with the
+same config as another reuses its results, a rerun reuses finished rows, --only, bad rows."""
+
+import json
+import pathlib
+
+import pytest
+
+from medjax.train.compare import compare, select_rows
+from medjax.train.experiment import load_experiment
+
+TOY = pathlib.Path(__file__).parent / "toy_experiments"
+
+
+def test_compare_rows_results_table_and_reuse(tmp_path):
+    spec = load_experiment("toy", directory=TOY)
+    lines = []
+    res = compare(spec, "quick", tmp_path, overrides=["num_steps=4"], log=lines.append)
+    assert list(res) == ["a_slow", "b_fast", "c_same"]
+    for row in res:
+        saved = json.loads((tmp_path / "quick" / row / "results.json").read_text())
+        assert saved["row"] == row and saved["config"]["num_steps"] == 4
+    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(res, default=str))
+    md = (tmp_path / "compare.md").read_text()
+    assert "| (a) Adam 0.05 |" in md and "| (b) Adam 0.2 |" in md
+    # (c) has (a)'s config: its results, not a second training
+    assert res["c_same"]["same_as"] == "a_slow" and not (tmp_path / "quick" / "c_same" / "checkpoints").exists()
+    assert res["c_same"]["val_loss"] == res["a_slow"]["val_loss"]
+    assert res["a_slow"]["val_loss"] != res["b_fast"]["val_loss"]
+    # a rerun reuses every finished row
+    lines.clear()
+    compare(spec, "quick", tmp_path, overrides=["num_steps=4"], log=lines.append)
+    assert sum("reusing" in s for s in lines) == 3 and not any("evaluating" in s for s in lines)
+    # another base variant works in its own folder: nothing stale is reused
+    lines.clear()
+    compare(spec, "long", tmp_path, only="a", overrides=["num_steps=3"], log=lines.append)
+    assert (tmp_path / "long" / "a_slow" / "results.json").is_file() and any("evaluating" in s for s in lines)
+
+
+def test_select_rows():
+    rows = {"a_x": 1, "b_y": 2, "d2_z": 3}
+    assert select_rows(rows, "a,d2") == ["a_x", "d2_z"] and select_rows(rows, "") == list(rows)
+    with pytest.raises(ValueError, match="'q' is not a row"):
+        select_rows(rows, "q")
