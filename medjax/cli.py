@@ -327,10 +327,28 @@ def _one_line(e) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _compilation_cache():
+    """Use JAX's persistent compilation cache (a resumed run or a second variant starts without
+    recompiling): ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``~/.cache/medjax/jax``
+    (``$XDG_CACHE_HOME`` respected); ``MEDJAX_COMPILATION_CACHE=0`` turns it off."""
+    import os
+
+    if os.environ.get("MEDJAX_COMPILATION_CACHE", "1") == "0":
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return  # the user's (or JAX_COMPILATION_CACHE_DIR's) choice
+    home = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    jax.config.update("jax_compilation_cache_dir", str(home / "medjax" / "jax"))
+
+
 def main(argv=None) -> int:
     """Run the ``medjax`` command line; returns the exit code."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command in ("train", "eval", "predict", "compare"):
+        _compilation_cache()
     try:
         overrides = _split_overrides(parser, extra)
         if args.command == "list" and overrides:

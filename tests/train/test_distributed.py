@@ -35,7 +35,7 @@ def _single_process():
 def test_two_processes_match_single_process(tmp_path):
     port = _free_port()
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
     env["JAX_PLATFORMS"] = "cpu"
     for k in ("MEDJAX_COORDINATOR", "MEDJAX_NUM_PROCESSES", "MEDJAX_PROCESS_ID"):
         env.pop(k, None)
