@@ -72,14 +72,19 @@ PAPER_QUICK = [
 STUDY_ROWS = {
     "s0_paper_quick": ("(s0) joint, paper settings at quick size", PAPER_QUICK),
     "s1_init_original": (
-        "(s1) head initialised as the original (glorot)", PAPER_QUICK + ["model.reg_init=original"]
+        "(s1) head initialised as the original (glorot)",
+        PAPER_QUICK + ["model.reg_init=original"],
     ),
     "s2_step_half": ("(s2) Phi's step scaled by 0.5", PAPER_QUICK + ["model.step_scale=0.5"]),
-    "s3_lr_paper": ("(s3) Adam 2e-3 (the paper's)", PAPER_QUICK + ["optimizer.learning_rate=0.002"]),
+    "s3_lr_paper": (
+        "(s3) Adam 2e-3 (the paper's)",
+        PAPER_QUICK + ["optimizer.learning_rate=0.002"],
+    ),
     "s4_alpha_1e-6": ("(s4) alpha 1e-6", PAPER_QUICK + ["loss.alpha=1e-6"]),
     "s5_alpha_1e-5": ("(s5) alpha 1e-5", PAPER_QUICK + ["loss.alpha=1e-5"]),
     "s6_mask_share": (
-        "(s6) masked MSE over the mask's voxels", PAPER_QUICK + ["loss.mask_normalize=mask"]
+        "(s6) masked MSE over the mask's voxels",
+        PAPER_QUICK + ["loss.mask_normalize=mask"],
     ),
     "s7_f8": ("(s7) f = 8 (twice the decoder width)", PAPER_QUICK + ["model.f=8"]),
     "s8_steps_1600": ("(s8) 1600 steps", PAPER_QUICK + ["num_steps=1600"]),

@@ -35,13 +35,12 @@ import numpy as np
 from scipy import ndimage
 
 import medjax.train
-from medjax import metrics, ops
+from medjax import metrics, ops, registration
 from medjax.data import datasets, pipeline, synthetic, transforms
-from medjax.data.io import load_image, save_image
+from medjax.data.io import load_image
 from medjax.evaluation import figures as F
-from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import case_metrics
-from medjax.evaluation.stats import paired_bootstrap, summarize
+from medjax.evaluation.stats import summarize
 from medjax.losses import joint_loss_terms, voxelmorph_loss_terms
 from medjax.models.joint_regseg import JointRegSeg, SegmentationNet
 from medjax.models.voxelmorph import VoxelMorph
@@ -306,53 +305,6 @@ def make_data(config):
     return FolderData(config)
 
 
-def registration_objective(moving, fixed, u, lam):
-    """The per-pair objective ``mse(warp(moving, u), fixed) + lam * ||grad u||^2`` (a scalar)."""
-    from medjax.losses import displacement_l2_gradient, mse
-
-    return mse(ops.warp(moving, u), fixed) + lam * displacement_l2_gradient(u)
-
-
-def optimise_pair(moving, fixed, *, steps, lr, lam, init=None, keep_best=False):
-    """Classical per-pair registration: the reference no network is trained for, and refinement.
-
-    Adam on a free displacement field (B, *S, 3), from ``init`` (zero by default), minimising
-    :func:`registration_objective` for ``steps`` iterations (jit-friendly). With ``keep_best`` the
-    iterate of the lowest objective is returned, ``init`` included, so the result is never worse
-    than where it started (test-time refinement of a network's field).
-    """
-    import optax
-
-    tx = optax.adam(lr)
-    value_and_grad = jax.value_and_grad(lambda u: registration_objective(moving, fixed, u, lam))
-
-    def body(_, carry):
-        u, opt, best_u, best = carry
-        value, grads = value_and_grad(u)
-        better = value < best
-        best_u = jnp.where(better, u, best_u)
-        best = jnp.where(better, value, best)
-        updates, opt = tx.update(grads, opt, u)
-        return optax.apply_updates(u, updates), opt, best_u, best
-
-    if init is None:
-        init = jnp.zeros(moving.shape[:-1] + (moving.ndim - 2,), jnp.float32)
-    carry = (init, tx.init(init), init, jnp.asarray(jnp.inf, jnp.float32))
-    u, _, best_u, best = jax.lax.fori_loop(0, steps, body, carry)
-    if not keep_best:
-        return u
-    final = registration_objective(moving, fixed, u, lam)
-    return jnp.where(final < best, u, best_u)
-
-
-@functools.partial(jax.jit, static_argnames=("steps",))
-def refine_displacement(moving, fixed, init, *, steps, lr, lam):
-    """Test-time refinement: ``(refined displacement, objective before, objective after)``."""
-    before = registration_objective(moving, fixed, init, lam)
-    u = optimise_pair(moving, fixed, steps=steps, lr=lr, lam=lam, init=init, keep_best=True)
-    return u, before, registration_objective(moving, fixed, u, lam)
-
-
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -396,14 +348,6 @@ def build_model(config, n_modalities):
             dtype=dtype,
         )
     return None
-
-
-def _dice_mean(pred, target, num_classes, region=None):
-    """Mean Dice over foreground structures present in the target (inside ``region`` if given)."""
-    if region is not None:
-        pred = np.where(region, pred, 0)
-        target = np.where(region, target, 0)
-    return case_metrics(pred, target, num_classes=num_classes, surface=False)["mean_dice"]
 
 
 def _class_names(n_classes):
@@ -588,7 +532,7 @@ class Experiment(medjax.train.Experiment):
             return {"displacement": zeros, "warped": moving, "seg_moving": pm, "seg_fixed": pf}
         if self.kind == "optimise":
             o = self.config.optimise
-            disp = optimise_pair(
+            disp = registration.optimise_displacement(
                 moving, fixed, steps=int(o.steps), lr=float(o.learning_rate), lam=float(o.lam)
             )
             return {"displacement": disp, "warped": ops.warp(moving, disp)}
@@ -605,36 +549,34 @@ class Experiment(medjax.train.Experiment):
     # ---------------------------------------------------------------- evaluation
 
     def pair_metrics(self, pair, out):
-        """The paper's metrics of one registered pair: per-pair scalars (and the warped labels)."""
-        n_anat, band = self.data.n_anatomy, int(self.config.near_band)
-        disp, fixed, moving = out["displacement"], pair["fixed"], pair["moving"]
-        det = np.asarray(metrics.jacobian_determinant(disp))[0]
-        m = {
-            "image_mse_before": float(np.mean((moving - fixed) ** 2)),
-            "image_mse_after": float(np.mean((out["warped"][0] - fixed) ** 2)),
-            "folding_percent": float(100.0 * np.mean(det <= 0)),
-            "jacobian_std": float(np.std(det)),
-            "displacement_mean_abs": float(np.mean(np.abs(disp))),
-        }
-        warped_lab = None
-        if n_anat is not None and "anatomy_moving" in pair:
-            am, af = pair["anatomy_moving"], pair["anatomy_fixed"]
-            warped_lab = np.asarray(ops.warp(am[None, ..., None], disp, order=0))[0, ..., 0]
-            m["anatomical_dice_before"] = _dice_mean(am, af, n_anat)
-            m["anatomical_dice_after"] = _dice_mean(warped_lab, af, n_anat)
+        """The paper's metrics of one registered pair: per-pair scalars (and the warped labels).
+
+        :func:`medjax.registration.pair_metrics`, with the anatomical Dice also near the tumours
+        (inside the union of both tumours dilated by ``near_band`` voxels) and far from them.
+        """
+        labels = regions = None
+        if self.data.n_anatomy is not None and "anatomy_moving" in pair:
+            labels = (pair["anatomy_moving"], pair["anatomy_fixed"])
             if self.data.has_tumour:
+                band = int(self.config.near_band)
                 tum = (pair["tumour_moving"] > 0) | (pair["tumour_fixed"] > 0)
                 near = ndimage.binary_dilation(tum, iterations=band) if band else tum
-                for name, region in (("near", near), ("far", ~near)):
-                    m[f"dice_{name}_tumour_before"] = _dice_mean(am, af, n_anat, region)
-                    m[f"dice_{name}_tumour_after"] = _dice_mean(warped_lab, af, n_anat, region)
-        return m, warped_lab
+                regions = {"near_tumour": near, "far_tumour": ~near}
+        return registration.pair_metrics(
+            pair["moving"],
+            pair["fixed"],
+            out["warped"][0],
+            out["displacement"],
+            labels=labels,
+            num_labels=self.data.n_anatomy,
+            regions=regions,
+        )
 
     def refine(self, moving, fixed, displacement, steps=None):
         """Test-time refinement of a field (``config.eval``): ``(field, objective before, after)``."""
         e = self.config.eval
         steps = int(e.refine_steps) if steps is None else int(steps)
-        u, before, after = refine_displacement(
+        u, before, after = registration.refine(
             jnp.asarray(moving),
             jnp.asarray(fixed),
             jnp.asarray(displacement),
@@ -718,73 +660,26 @@ class Experiment(medjax.train.Experiment):
 
     def report(self, results):
         """Markdown table of ``evaluate()``'s results: before (identity) and after warping."""
-
-        def cell(key):
-            return mean_std(results.get(key), results.get(f"{key}_std"))
-
         n = results.get("num_test_pairs", 0)
-        lines = [
-            f"{self.kind} model, {n} test pair{'s' if n != 1 else ''} ({results.get('data')} data), "
-            f"checkpoint step {results.get('checkpoint_step', '?')}; mean ± std over pairs",
-            "",
-        ]
-        rows = []
-        for label, key in (
+        title = (
+            f"{self.kind} model, {n} test pair{'s' if n != 1 else ''} ({results.get('data')} "
+            f"data), checkpoint step {results.get('checkpoint_step', '?')}; mean ± std over pairs"
+        )
+        rows = (
             ("anatomical Dice", "anatomical_dice"),
             ("Dice near tumour", "dice_near_tumour"),
             ("Dice far from tumour", "dice_far_tumour"),
             ("image MSE", "image_mse"),
-        ):
-            if f"{key}_after" in results:
-                rows.append([label, cell(key + "_before"), cell(key + "_after")])
-        rows += [
-            ["% folding voxels", "0.000", cell("folding_percent")],
-            ["Jacobian std", "0.000", cell("jacobian_std")],
-        ]
-        for c in (*_class_names(int(self.config.model.n_classes)), "whole"):
-            if f"tumour_dice_{c}" in results:
-                rows.append([f"tumour Dice {c.upper()}", "-", cell(f"tumour_dice_{c}")])
-        refined = "anatomical_dice_refined" in results
-        header = ["metric", "before (identity)", "after"]
-        if refined:
-            header.append(f"after + {int(self.config.eval.refine_steps)}-step refinement")
-            keys = {
-                "anatomical Dice": "anatomical_dice_refined",
-                "Dice near tumour": "dice_near_tumour_refined",
-                "Dice far from tumour": "dice_far_tumour_refined",
-                "image MSE": "image_mse_refined",
-                "% folding voxels": "folding_percent_refined",
-                "Jacobian std": "jacobian_std_refined",
-            }
-            rows = [r + [cell(keys[r[0]]) if r[0] in keys else "-"] for r in rows]
-        lines.append(markdown_table(header, rows))
-        per = results.get("per_pair", {})
-        gain = paired_bootstrap(
-            per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", [])
         )
-        if gain is not None:
-            lo, hi = gain["ci95"]
-            lines += [
-                "",
-                f"anatomical Dice after - before, paired over test pairs: {gain['mean']:+.3f} "
-                f"(95 % bootstrap CI {lo:+.3f} to {hi:+.3f}); it improves on {gain['improved']} "
-                f"of {gain['n']} pairs",
-            ]
-        elif n < 2:
-            lines += ["", f"these numbers rest on {n} test pair(s): no interval can be given"]
-        if refined:
-            g = paired_bootstrap(
-                per.get("anatomical_dice_after", []), per.get("anatomical_dice_refined", [])
-            )
-            lines += [
-                "",
-                f"test-time refinement ({int(self.config.eval.refine_steps)} Adam steps per pair, "
-                f"{results.get('refine_s', float('nan')):.2f} s per pair): anatomical Dice "
-                f"{gain_cell(g) if g else '-'} over the network's field; objective "
-                f"{results.get('refine_objective_before', float('nan')):.4f} -> "
-                f"{results.get('refine_objective_after', float('nan')):.4f}",
-            ]
-        return "\n".join(lines)
+        classes = (*_class_names(int(self.config.model.n_classes)), "whole")
+        extra = [(f"tumour Dice {c.upper()}", f"tumour_dice_{c}") for c in classes]
+        return registration.report(
+            results,
+            title=title,
+            rows=rows,
+            extra_rows=extra,
+            refine_steps=int(self.config.eval.refine_steps),
+        )
 
     # ---------------------------------------------------------------- comparison (medjax compare)
 
@@ -802,46 +697,8 @@ class Experiment(medjax.train.Experiment):
     ]
 
     def compare_table(self, rows):
-        """The comparison table: each row's means ± stds and its paired Dice gain over the identity."""
-        head = ["Variant", self.compare_columns[0][0], "Dice gain [95% CI] (pairs improved)"]
-        head += [c[0] for c in self.compare_columns[1:]] + ["Train (s)"]
-        body = []
-        for r in rows.values():
-            per = r.get("per_pair", {})
-            g = paired_bootstrap(
-                per.get("anatomical_dice_before", []), per.get("anatomical_dice_after", [])
-            )
-            cells = [r.get("label", r.get("row"))]
-            for i, col in enumerate(self.compare_columns):
-                if i == 1:
-                    cells.append(gain_cell(g) if g and (g["mean"] or g["improved"]) else "-")
-                digits = col[2] if len(col) > 2 else 3
-                cells.append(mean_std(r.get(col[1]), r.get(f"{col[1]}_std"), digits))
-            tw = r.get("train_wall_s")
-            cells.append(f"{tw:.0f}" if isinstance(tw, int | float) else "-")
-            body.append(cells)
-            if "anatomical_dice_refined" in r:  # the same model with test-time refinement
-                g = paired_bootstrap(
-                    per.get("anatomical_dice_before", []), per.get("anatomical_dice_refined", [])
-                )
-                steps = r.get("config", {}).get("eval", {}).get("refine_steps", "?")
-                extra = [f"{cells[0]} + {steps}-step refinement"]
-                for i, col in enumerate(self.compare_columns):
-                    if i == 1:
-                        extra.append(gain_cell(g) if g else "-")
-                    key = col[1].removesuffix("_after")
-                    key = {
-                        "folding_percent": "folding_percent",
-                        "jacobian_std": "jacobian_std",
-                    }.get(key, key)
-                    rkey = f"{key}_refined" if f"{key}_refined" in r else None
-                    digits = col[2] if len(col) > 2 else 3
-                    extra.append(
-                        mean_std(r.get(rkey), r.get(f"{rkey}_std"), digits) if rkey else "-"
-                    )
-                extra.append(f"+{r.get('refine_s', float('nan')):.1f}/pair")
-                body.append(extra)
-        return markdown_table(head, body)
+        """The comparison table (:func:`medjax.registration.compare_table`)."""
+        return registration.compare_table(rows, self.compare_columns)
 
     def compare_figures(self, rows, workdir):
         """compare_dice.png: anatomical Dice overall / near / far from the tumour per row."""
@@ -861,93 +718,64 @@ class Experiment(medjax.train.Experiment):
         ]
 
     def _figures(self, fig_dir, pair, out, warped_lab):
-        plt = F.plt()
         fixed, moving, warped = pair["fixed"], pair["moving"], out["warped"][0]
-        tf = pair["tumour_fixed"]
-        z = F.choose_slice(tf, axis=2)
+        z = F.choose_slice(pair["tumour_fixed"], axis=2)
         ch = min(3, fixed.shape[-1] - 1)  # FLAIR when there are 4 modalities
-
-        def show(ax, img, title, lab=None):
-            F.show_image(ax, img[:, :, z, ch], title=title)
-            if lab is not None:
-                F.label_contours(ax, lab[:, :, z])
-
-        # 1. moving / fixed / warped with anatomical label contours, and the differences
-        fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
-        show(axes[0], moving, "moving S (moving labels)", pair.get("anatomy_moving"))
-        show(axes[1], fixed, "fixed R (fixed labels)", pair.get("anatomy_fixed"))
-        show(axes[2], warped, "warped D (warped labels)", warped_lab)
-        vmax = float(np.abs(moving - fixed)[:, :, z, ch].max()) or 1.0
-        for ax, d, t in (
-            (axes[3], moving - fixed, "|S - R| before"),
-            (axes[4], warped - fixed, "|D - R| after"),
-        ):
-            F.show_image(ax, np.abs(d[:, :, z, ch]), title=t, cmap="magma", vmin=0, vmax=vmax)
-        fig.suptitle(f"{self.kind}: axial slice z={z}", fontsize=9)
-        F.save(fig, fig_dir / "registration_pair0.png")
-
-        # 2. deformation grid (in-plane components) and Jacobian determinant
-        disp = out["displacement"][0]
+        labels = (pair.get("anatomy_moving"), pair.get("anatomy_fixed"), warped_lab)
+        F.registration_panels(
+            fig_dir / "registration_pair0.png",
+            moving,
+            fixed,
+            warped,
+            labels=labels,
+            index=z,
+            axis=2,
+            channel=ch,
+            title=f"{self.kind}: axial slice z={z}",
+        )
         det = np.asarray(metrics.jacobian_determinant(out["displacement"]))[0]
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-        F.deformation_grid(axes[0], disp[:, :, z, :2], background=fixed[:, :, z, ch])
-        F.jacobian_map(axes[1], det[:, :, z], fig=fig)
-        F.save(fig, fig_dir / "deformation_pair0.png")
-
-        # 3. tumour predictions vs truth
+        F.deformation_panels(
+            fig_dir / "deformation_pair0.png",
+            out["displacement"][0],
+            det,
+            background=fixed,
+            index=z,
+            axis=2,
+            channel=ch,
+        )
         if "seg_moving" in out and self.data.has_tumour:
-            fig, axes = plt.subplots(2, 3, figsize=(9, 6))
-            for r, (name, img, probs, truth) in enumerate(
-                (
-                    ("moving", moving, out["seg_moving"][0], pair["tumour_moving"]),
-                    ("fixed", fixed, out["seg_fixed"][0], tf),
+            for name in ("moving", "fixed"):
+                pred = np.argmax(out[f"seg_{name}"][0], axis=-1)
+                F.segmentation_panels(
+                    fig_dir / f"tumour_{name}_pair0.png",
+                    pair[name],
+                    pair[f"tumour_{name}"],
+                    {"prediction": pred},
+                    axis=2,
+                    channel=ch,
+                    num_classes=4,
+                    title=f"{name} image: tumour truth and prediction",
                 )
-            ):
-                zz = F.choose_slice(truth, axis=2) if truth.any() else z
-                pred = np.argmax(probs, axis=-1)
-                F.show_image(axes[r, 0], img[:, :, zz, ch], title=f"{name} image")
-                for c, (lab, t) in enumerate(((truth, "truth"), (pred, "prediction")), start=1):
-                    F.label_overlay(
-                        axes[r, c],
-                        img[:, :, zz, ch],
-                        lab[:, :, zz],
-                        num_classes=4,
-                        title=f"{name} tumour {t}",
-                    )
-            F.save(fig, fig_dir / "tumour_pair0.png")
 
     # ---------------------------------------------------------------- prediction
 
     def predict(self, state, inputs, out_dir, *, refine: int = 0):
         """Register a moving scan onto a fixed one: ``inputs = [moving, fixed]`` -> written NIfTI paths.
 
-        Scans on different grids are first brought together in world space: the moving scan is
-        resampled onto the fixed scan's grid through both affines (``medjax.data.io.resample_to``).
-        Every output is then on the fixed grid, with the fixed scan's affine and header:
-        ``displacement.nii.gz`` (*S, 3), in the fixed grid's voxels, ``warped.nii.gz`` (*S, M) and,
-        when the model segments, ``seg_moving.nii.gz``, ``seg_fixed.nii.gz`` and
-        ``warped_seg.nii.gz``. Both images go through :func:`preprocess` at the fixed grid's size
-        rounded up to the network's size multiple (as training does with a crop that follows the
-        data); results are cropped back. ``refine`` > 0 refines the network's field for that many
-        steps (the ``optimise`` reference's objective, started from the network's field; never
-        worse on it) and writes ``predict.json`` with the objective before and after.
+        Scans on different grids are first brought together in world space
+        (:func:`medjax.registration.load_pair`); every output is on the fixed grid, with the fixed
+        scan's affine and header: ``displacement.nii.gz`` (*S, 3, in the fixed grid's voxels),
+        ``warped.nii.gz`` and, when the model segments, ``seg_moving``, ``seg_fixed`` and
+        ``warped_seg``. Both images go through :func:`preprocess` at the fixed grid's size rounded
+        up to the network's size multiple (as training does with a crop that follows the data);
+        results are cropped back. ``refine`` > 0 refines the network's field for that many steps
+        (:func:`medjax.registration.refine`, never worse on its objective); ``predict.json``
+        records it.
         """
-        from medjax.data.io import resample_to, same_grid
-
         inputs = [pathlib.Path(p) for p in inputs]
         if len(inputs) != 2:
             raise ValueError(f"inputs: expected [moving, fixed] (2 files), got {len(inputs)}")
-        mov_img, fix_img = load_image(inputs[0]), load_image(inputs[1])
-        n_mod = self.n_modalities
-        for name, im in (("moving", mov_img), ("fixed", fix_img)):
-            if im.array.ndim != 4 or im.array.shape[-1] != n_mod:
-                raise ValueError(
-                    f"inputs ({name}): expected a 3D volume with {n_mod} channel(s), "
-                    f"got array shape {im.array.shape}"
-                )
-        resampled = not same_grid(mov_img, fix_img)
-        if resampled:
-            mov_img = resample_to(mov_img, fix_img)
+        mov_img, fix_img, resampled = registration.load_pair(*inputs, channels=self.n_modalities)
         shape = fix_img.spatial_shape
         factor = size_factor(self.config)
         padded = tuple(-(-s // factor) * factor for s in shape)
@@ -974,25 +802,13 @@ class Experiment(medjax.train.Experiment):
         lo = [(p - s) // 2 for p, s in zip(padded, shape, strict=True)]
         crop = tuple(slice(a, a + s) for a, s in zip(lo, shape, strict=True))
         disp = out["displacement"][0][crop]
-        # Re-warp the unpadded moving image (in its original intensities) with the cropped field.
-        warped = np.asarray(ops.warp(mov_img.array[None], disp[None], order=1, padding="border"))[0]
-        out_dir = pathlib.Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = [
-            save_image(out_dir / "displacement.nii.gz", disp, like=fix_img),
-            save_image(out_dir / "warped.nii.gz", warped, like=fix_img),
-        ]
+        segs = {}
         if "seg_moving" in out:
-            seg_m = np.argmax(out["seg_moving"][0][crop], -1).astype(np.int32)
-            seg_f = np.argmax(out["seg_fixed"][0][crop], -1).astype(np.int32)
-            wseg = np.asarray(
-                ops.warp(seg_m[None, ..., None], disp[None], order=0, padding="border")
+            segs["seg_moving"] = np.argmax(out["seg_moving"][0][crop], -1).astype(np.int32)
+            segs["seg_fixed"] = np.argmax(out["seg_fixed"][0][crop], -1).astype(np.int32)
+            segs["warped_seg"] = np.asarray(
+                ops.warp(segs["seg_moving"][None, ..., None], disp[None], order=0)
             )[0, ..., 0]
-            like_m = fix_img if resampled else mov_img
-            written += [
-                save_image(out_dir / "seg_moving.nii.gz", seg_m, like=like_m),
-                save_image(out_dir / "seg_fixed.nii.gz", seg_f, like=fix_img),
-                save_image(out_dir / "warped_seg.nii.gz", wseg, like=fix_img),
-            ]
-        (out_dir / "predict.json").write_text(json.dumps(info, indent=2) + "\n")
-        return [pathlib.Path(p) for p in written]
+        written = registration.write_pair_outputs(out_dir, fix_img, mov_img, disp, segs)
+        (pathlib.Path(out_dir) / "predict.json").write_text(json.dumps(info, indent=2) + "\n")
+        return written

@@ -15,6 +15,8 @@ import numpy as np
 
 __all__ = [
     "bar_chart",
+    "deformation_panels",
+    "registration_panels",
     "choose_slice",
     "curves",
     "deformation_grid",
@@ -230,4 +232,59 @@ def curves(path, xs, ys: Mapping[str, Sequence[float]], *, xlabel="step", ylabel
         ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
+    return save(fig, path)
+
+
+def _slice(volume, index, axis, channel=None):
+    v = np.asarray(volume)
+    if channel is not None and v.ndim == 4:
+        v = v[..., channel]
+    return np.take(v, index, axis=axis)
+
+
+def registration_panels(
+    path, moving, fixed, warped, *, labels=None, index=None, axis=2, channel=0, title=None
+):
+    """Moving, fixed and warped images (with label contours) and |S - R|, |D - R|; writes ``path``.
+
+    Images ``(*S)`` or ``(*S, C)`` (``channel`` shown); ``labels`` = (moving, fixed, warped)
+    label maps ``(*S)`` or None. The slice ``index`` along ``axis`` defaults to the middle.
+    """
+    pyplot = plt()
+    index = np.asarray(fixed).shape[axis] // 2 if index is None else int(index)
+    m, f, w = (_slice(v, index, axis, channel) for v in (moving, fixed, warped))
+    labs = (
+        (None, None, None)
+        if labels is None
+        else [None if lab is None else _slice(lab, index, axis) for lab in labels]
+    )
+    fig, axes = pyplot.subplots(1, 5, figsize=(14, 3.2))
+    titles = ("moving S (moving labels)", "fixed R (fixed labels)", "warped D (warped labels)")
+    for ax, img, lab, t in zip(axes[:3], (m, f, w), labs, titles, strict=True):
+        show_image(ax, img, title=t)
+        if lab is not None:
+            label_contours(ax, lab)
+    vmax = float(np.abs(m - f).max()) or 1.0
+    for ax, d, t in ((axes[3], m - f, "|S - R| before"), (axes[4], w - f, "|D - R| after")):
+        show_image(ax, np.abs(d), title=t, cmap="magma", vmin=0, vmax=vmax)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return save(fig, path)
+
+
+def deformation_panels(path, displacement, det, *, background=None, index=None, axis=2, channel=0):
+    """The in-plane sampling grid over the background and the Jacobian-determinant map; writes ``path``.
+
+    ``displacement`` ``(*S, 3)`` in voxels, ``det`` ``(*S)``; the slice ``index`` along ``axis``
+    (default the middle) shows the two in-plane components.
+    """
+    pyplot = plt()
+    d = np.asarray(displacement)
+    index = d.shape[axis] // 2 if index is None else int(index)
+    plane = [k for k in range(d.ndim - 1) if k != axis]
+    disp2d = np.take(d, index, axis=axis)[..., plane]
+    bg = None if background is None else _slice(background, index, axis, channel)
+    fig, axes = pyplot.subplots(1, 2, figsize=(8, 4))
+    deformation_grid(axes[0], disp2d, background=bg)
+    jacobian_map(axes[1], np.take(np.asarray(det), index, axis=axis), fig=fig)
     return save(fig, path)

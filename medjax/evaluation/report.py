@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["gain_cell", "markdown_table", "mean_std", "results_table"]
+__all__ = ["gain_cell", "markdown_table", "mean_std", "paired_gain", "results_table"]
 
 
 def _finite(x) -> bool:
@@ -31,6 +31,14 @@ def gain_cell(gain: Mapping | None, digits: int = 3) -> str:
         return "-"
     lo, hi = gain["ci95"]
     return f"{gain['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}] ({gain['improved']}/{gain['n']})"
+
+
+def paired_gain(results: Mapping, before: str, after: str, *, per: str = "per_pair", **kw):
+    """:func:`medjax.evaluation.stats.paired_bootstrap` of two per-case lists of ``results[per]``."""
+    from medjax.evaluation.stats import paired_bootstrap
+
+    cases = results.get(per, {})
+    return paired_bootstrap(cases.get(before, []), cases.get(after, []), **kw)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
