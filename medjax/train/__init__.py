@@ -64,10 +64,10 @@ _LAZY = {
     "fit": "medjax.train.loop",
     "init_sharded": "medjax.train.loop",
     "NonFiniteLossError": "medjax.train.loop",
-    # warm_start.py
-    "warm_start": "medjax.train.warm_start",
-    "copy_subtrees": "medjax.train.warm_start",
-    "load_workdir_state": "medjax.train.warm_start",
+    # transfer.py
+    "warm_start": "medjax.train.transfer",
+    "copy_subtrees": "medjax.train.transfer",
+    "load_workdir_state": "medjax.train.transfer",
     # logging.py
     "read_metrics": "medjax.train.logging",
 }

@@ -13,7 +13,7 @@ import pytest
 from medjax.train import fit, load_config, load_experiment, make_mesh, replicated
 from medjax.train.config import ConfigError
 from medjax.train.logging import read_metrics
-from medjax.train.warm_start import copy_subtrees, get_subtree, load_workdir_state, warm_start
+from medjax.train.transfer import copy_subtrees, get_subtree, load_workdir_state, warm_start
 
 TOYS = pathlib.Path(__file__).parent / "staged_experiments"
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import medjax.train as mt
-from medjax.train.warm_start import copy_subtrees
+from medjax.train.transfer import copy_subtrees
 
 
 class ToyIterator:
