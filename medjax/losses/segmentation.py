@@ -1,4 +1,4 @@
-"""Segmentation losses: soft / generalized Dice, (weighted) cross-entropy, focal, adaptive Tversky.
+"""Segmentation losses: soft / generalized Dice, (weighted) cross-entropy, BCE, focal, adaptive Tversky.
 
 All take channels-last logits ``(B, *S, C)`` and a target that is either an integer label map
 ``(B, *S)`` or a one-hot / soft array ``(B, *S, C)``; all return a float32 scalar.
@@ -54,6 +54,7 @@ def soft_dice_loss(
     include_background=True,
     reduction="batch",
     class_weights=None,
+    axis_name=None,
 ):
     """Soft Dice loss ``1 - mean_c Dice_c``: logits (B, *S, C), target (B, *S) int or (B, *S, C) -> scalar.
 
@@ -71,6 +72,9 @@ def soft_dice_loss(
     * PnP-AdaNet: ``squared=True`` (its denominator is ``sum p^2 + sum y``, identical for one-hot y),
       background included, batch-pooled; the original adds eps=1e-7 instead of clamping, which
       differs by O(eps / D_c).
+
+    ``axis_name``: under ``jax.pmap`` with ``reduction="batch"``, the sums are also pooled over
+    this axis (``psum``), so every device gets the loss of the whole global batch.
     """
     _check_reduction(reduction)
     logits = check_logits(logits)
@@ -88,6 +92,8 @@ def soft_dice_loss(
         denom = jnp.sum(p * p, axis=axes) + jnp.sum(y * y, axis=axes)
     else:
         denom = jnp.sum(p, axis=axes) + jnp.sum(y, axis=axes)
+    if axis_name is not None and reduction == "batch":
+        inter, denom = jax.lax.psum((inter, denom), axis_name)
     dice = (2.0 * inter + smooth) / (jnp.maximum(denom, eps) + smooth)
     loss_c = 1.0 - dice  # (C,) or (B, C)
     if w is None:
@@ -98,13 +104,21 @@ def soft_dice_loss(
 
 
 def generalized_dice_loss(
-    logits, target, *, activation="softmax", eps=1e-5, include_background=True, reduction="batch"
+    logits,
+    target,
+    *,
+    activation="softmax",
+    eps=1e-5,
+    include_background=True,
+    reduction="batch",
+    axis_name=None,
 ):
     """Generalized Dice loss (Sudre 2017): logits (B, *S, C), target (B, *S) or (B, *S, C) -> scalar.
 
     ``1 - 2 sum_c w_c sum p y / max(sum_c w_c (sum p + sum y), eps)`` with ``w_c = 1 / max((sum y_c)^2, eps)``
     (MedicalZoo's clamp; a class absent from the target gets the large weight 1/eps). Sums are pooled
-    over the batch (``reduction="batch"``) or taken per sample and averaged (``"sample"``).
+    over the batch (``reduction="batch"``) or taken per sample and averaged (``"sample"``);
+    ``axis_name`` pools them over a ``jax.pmap`` axis too (as :func:`soft_dice_loss`).
     """
     _check_reduction(reduction)
     logits = check_logits(logits)
@@ -113,10 +127,12 @@ def generalized_dice_loss(
     p, y = _drop_background(p, y, include_background)
     spatial = tuple(range(1, p.ndim - 1))
     axes = (0, *spatial) if reduction == "batch" else spatial
-    ysum = jnp.sum(y, axis=axes)
+    ysum, pysum, psum_ = jnp.sum(y, axis=axes), jnp.sum(p * y, axis=axes), jnp.sum(p, axis=axes)
+    if axis_name is not None and reduction == "batch":
+        ysum, pysum, psum_ = jax.lax.psum((ysum, pysum, psum_), axis_name)
     w = jax.lax.stop_gradient(1.0 / jnp.maximum(ysum * ysum, eps))
-    inter = jnp.sum(w * jnp.sum(p * y, axis=axes), axis=-1)
-    denom = jnp.sum(w * (jnp.sum(p, axis=axes) + ysum), axis=-1)
+    inter = jnp.sum(w * pysum, axis=-1)
+    denom = jnp.sum(w * (psum_ + ysum), axis=-1)
     return jnp.mean(1.0 - 2.0 * inter / jnp.maximum(denom, eps))
 
 
@@ -136,21 +152,29 @@ def _ce_weights(class_weights, y, mask):
     return class_vector(class_weights, num_classes, "class_weights")
 
 
-def cross_entropy(logits, labels, *, class_weights=None, mask=None):
+def cross_entropy(logits, labels, *, class_weights=None, mask=None, prob_floor=None):
     """Mean (class-weighted) cross-entropy: logits (B, *S, C), labels (B, *S) int or (B, *S, C) -> scalar.
 
     Per voxel ``-sum_c w_c y_c log softmax(logits)_c``, averaged over all voxels (or the voxels where
     ``mask`` (B, *S) is non-zero). Weights are *not* renormalised by the weights of the targets
     (PnP-AdaNet's convention; torch's ``CrossEntropyLoss(weight=...)`` divides by sum w_y instead).
     ``class_weights``: None, a (C,) sequence, or ``"batch_inverse_frequency"`` for PnP-AdaNet's
-    per-batch ``w_c = 1 - N_c / N`` (counted over the batch, inside ``mask`` when given). PnP-AdaNet
-    clips p at 0.005 before the log; medjax uses an unclipped log-softmax.
+    per-batch ``w_c = 1 - N_c / N`` (counted over the batch, inside ``mask`` when given).
+    ``prob_floor``: None (an unclipped log-softmax) or a value in (0, 1) to which the softmax
+    probabilities are clipped from below before the log, as PnP-AdaNet does with 0.005
+    (``log(clip(p, 0.005, 1))``; a voxel whose true class is below the floor gets no gradient).
     """
     logits = check_logits(logits)
     y = target_like(labels, logits, "labels")
     m = None if mask is None else voxel_mask(mask, logits.shape[:-1])
     w = _ce_weights(class_weights, y, m)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    if prob_floor is None:
+        logp = jax.nn.log_softmax(logits, axis=-1)
+    else:
+        if not 0.0 < float(prob_floor) < 1.0:
+            raise ValueError(f"prob_floor: expected None or a value in (0, 1), got {prob_floor}")
+        p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jnp.log(jnp.clip(p, float(prob_floor), 1.0))
     yw = y if w is None else y * w
     return masked_mean(-jnp.sum(yw * logp, axis=-1), m)
 
@@ -273,3 +297,74 @@ def dice_ce_loss(
         reduction=reduction,
     )
     return ce_weight * ce + dice_weight * dl
+
+
+def binary_cross_entropy(logits, target, *, mask=None):
+    """Mean binary cross-entropy with logits: logits (B, *S, C), target (B, *S) int or (B, *S, C).
+
+    Every channel is an independent sigmoid: per element ``softplus(x) - x y`` (torch's
+    ``BCEWithLogitsLoss``), averaged over all elements, or over the voxels where ``mask``
+    (B, *S) is non-zero. An integer target is one-hot encoded first.
+    """
+    logits = check_logits(logits)
+    y = target_like(target, logits)
+    per = jnp.mean(jax.nn.softplus(logits) - logits * y, axis=-1)
+    m = None if mask is None else voxel_mask(mask, logits.shape[:-1])
+    return masked_mean(per, m)
+
+
+def bce_dice_loss(
+    logits, target, *, alpha=1.0, beta=1.0, activation="softmax", eps=1e-6, axis_name=None
+):
+    """MedicalZoo's ``BCEDiceLoss``: ``alpha * BCE + beta * Dice`` -> scalar.
+
+    BCE: :func:`binary_cross_entropy` of the one-hot target (sigmoid per channel, mean over every
+    element). Dice: MedicalZoo's Dice, ``soft_dice_loss(squared=True, eps=1e-6)`` pooled over the
+    batch, background included. The original normalises inside its Dice with a sigmoid; here
+    ``activation="softmax"`` (multi-class) is the default and ``"sigmoid"`` reproduces it.
+    ``axis_name``: the Dice's sums are pooled over a ``jax.pmap`` axis too.
+    """
+    bce = binary_cross_entropy(logits, target)
+    dice = soft_dice_loss(
+        logits,
+        target,
+        activation=activation,
+        squared=True,
+        eps=eps,
+        reduction="batch",
+        axis_name=axis_name,
+    )
+    return alpha * bce + beta * dice
+
+
+def weighted_cross_entropy(logits, labels, *, ignore_index=-1, axis_name=None):
+    """MedicalZoo's ``WeightedCrossEntropyLoss`` (Sudre 2017): logits (B, *S, C), labels (B, *S) -> scalar.
+
+    Class weights from the *predictions* of the batch (no gradient): with p = softmax(logits),
+    ``w_c = sum (1 - p_c) / sum p_c`` over the batch and space. Then torch's weighted
+    cross-entropy, a weighted *mean*: ``sum_i w_{y_i} (-log p_{y_i}) / sum_i w_{y_i}`` over the
+    voxels whose label is not ``ignore_index`` (0 when none is left). ``axis_name``: the sums
+    run over a ``jax.pmap`` axis too (the weights and the mean of the global batch).
+    """
+    logits = check_logits(logits)
+    labels = jnp.asarray(labels)
+    if labels.shape != logits.shape[:-1] or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels: expected integer labels of shape {tuple(logits.shape[:-1])}, got "
+            f"{labels.dtype} {tuple(labels.shape)}"
+        )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(logp)
+    axes = tuple(range(p.ndim - 1))
+    num, den = jnp.sum(1.0 - p, axis=axes), jnp.sum(p, axis=axes)
+    if axis_name is not None:
+        num, den = jax.lax.psum((num, den), axis_name)
+    w = jax.lax.stop_gradient(num / den)
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    wv = jnp.where(valid, w[safe], 0.0)
+    total, weight = jnp.sum(wv * nll), jnp.sum(wv)
+    if axis_name is not None:
+        total, weight = jax.lax.psum((total, weight), axis_name)
+    return total / jnp.where(weight > 0, weight, 1.0)

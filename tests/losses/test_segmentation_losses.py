@@ -198,6 +198,23 @@ def test_cross_entropy_batch_inverse_frequency():
     np.testing.assert_allclose(float(got), _ref_ce(logits, labels, w), rtol=1e-5)
 
 
+def test_cross_entropy_probability_floor():
+    """PnP-AdaNet's log(clip(softmax, 0.005, 1)): a NumPy loop, and no gradient below the floor."""
+    logits, labels = _data(9)
+    logits = logits * 4.0  # some true-class probabilities fall below the floor
+    p = np.clip(_softmax(logits.astype(np.float64)), 0.05, 1.0)
+    w = np.array([0.5, 1.0, 2.0])
+    want = np.mean([-w[labels[i]] * np.log(p[i + (labels[i],)]) for i in np.ndindex(labels.shape)])
+    got = losses.cross_entropy(logits, labels, class_weights=w, prob_floor=0.05)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    true_p = np.take_along_axis(_softmax(logits), labels[..., None], -1)[..., 0]
+    assert (true_p < 0.05).any()
+    grads = jax.grad(lambda x: losses.cross_entropy(x, labels, prob_floor=0.05))(logits)
+    np.testing.assert_array_equal(np.asarray(grads)[true_p < 0.05], 0.0)
+    with pytest.raises(ValueError, match="prob_floor"):
+        losses.cross_entropy(logits, labels, prob_floor=1.5)
+
+
 def test_soft_cross_entropy_mask_and_teacher_logits():
     logits, _ = _data(9)
     teacher_logits, _ = _data(10)
