@@ -13,6 +13,7 @@ the survivors scaled by ``1 / (1 - p)^2``). ``dropout_twice=False`` applies it o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,16 @@ import jax.numpy as jnp
 from medjax.models import torch_import
 from medjax.nn.blocks import ConvNormAct
 from medjax.nn.layers import Dropout
+from medjax.nn.norm import BatchNorm
+
+
+def batch_norm(axis_name: str | None = None):
+    """The BatchNorm of the zoo's blocks: ``"batch"``, or synchronised over ``axis_name`` (pmap).
+
+    ``axis_name=None`` gives the name ``"batch"`` itself, so that a network built without it is
+    exactly the network it was (same modules, same parameter tree).
+    """
+    return "batch" if axis_name is None else functools.partial(BatchNorm, axis_name=axis_name)
 
 
 def check_input(name, x, *, ndim: int, channels: int, multiple: int = 1, min_size: int = 1):
@@ -89,18 +100,26 @@ class _DenseLayer(nn.Module):
     drop_rate: float
     dropout_twice: bool
     dtype: Any
+    norm: Any = "batch"
 
     @nn.compact
     def __call__(self, x, train):
         y = x
         if self.bottleneck:
             y = ConvNormAct(
-                self.bottleneck, 1, padding=0, order="pre", dtype=self.dtype, name="bottleneck"
+                self.bottleneck,
+                1,
+                padding=0,
+                norm=self.norm,
+                order="pre",
+                dtype=self.dtype,
+                name="bottleneck",
             )(y, train)
         y = ConvNormAct(
             self.growth,
             3,
             padding=1,
+            norm=self.norm,
             order="pre",
             dropout=self.drop_rate,
             dtype=self.dtype,
@@ -117,7 +136,8 @@ class DenseBlock(nn.Module):
     Each layer: (BN, ReLU, 1^3 conv to ``bottleneck`` ->) BN, ReLU, 3^3 conv to ``growth`` (no
     biases), dropout ``drop_rate`` (twice when ``dropout_twice``), then ``[x, new]``. Children
     ``bottleneck`` and ``layer`` (:class:`~medjax.nn.blocks.ConvNormAct`, pre-activation), named
-    as :class:`medjax.nn.dense.DenseBlock` names them.
+    as :class:`medjax.nn.dense.DenseBlock` names them. ``norm``: BatchNorm by default
+    (:func:`batch_norm` for a synchronised one).
     """
 
     num_layers: int
@@ -126,6 +146,7 @@ class DenseBlock(nn.Module):
     drop_rate: float = 0.0
     dropout_twice: bool = True
     dtype: Any = jnp.float32
+    norm: Any = "batch"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -136,6 +157,7 @@ class DenseBlock(nn.Module):
                 self.drop_rate,
                 self.dropout_twice,
                 self.dtype,
+                self.norm,
                 name=f"layer_{j}",
             )(x, train)
         return x

@@ -37,6 +37,8 @@ How they differ from the original, and why:
   dense-layer dropout is ``drop_rate`` (element-wise, as ``F.dropout``). Dropout runs only with
   ``train=True`` and needs the ``"dropout"`` rng.
 - DualPathDenseNet keeps the original's ``fusion`` option (``"concat"``, the default, or ``"sum"``).
+- ``axis_name`` (medjax; default None) synchronises every BatchNorm over a ``pmap`` axis; None
+  keeps the networks, and their parameter trees, as described here.
 
 Parameter counts (``jax.eval_shape``, the original's factory calls, 4 classes): SinglePath (2
 channels) 2,697,811; DualPath (3) 8,055,729 = 8,057,529 - 1,800; DualSingle (2) 2,994,409 =
@@ -51,7 +53,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models._medzoo import load
+from medjax.models._medzoo import batch_norm, load
 from medjax.models.torch_import import read_state_dict
 from medjax.nn.dense import DenseBlock
 from medjax.nn.layers import Conv, Dropout
@@ -108,6 +110,7 @@ class SinglePathDenseNet(nn.Module):
     early_fusion: bool = False
     return_logits: bool = True
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -116,7 +119,11 @@ class SinglePathDenseNet(nn.Module):
         _check_input(type(self).__name__, x, self.in_channels)
         growths = EARLY_FUSION_GROWTHS if self.early_fusion else GROWTHS
         x = DenseBlock(
-            growths, norm="batch", dropout=self.drop_rate, dtype=self.dtype, name="denseblock1"
+            growths,
+            norm=batch_norm(self.axis_name),
+            dropout=self.drop_rate,
+            dtype=self.dtype,
+            name="denseblock1",
         )(x, train)
         for i, width in enumerate(HEAD_WIDTHS, start=1):
             x = Conv(width, 1, padding=0, use_bias=False, dtype=self.dtype, name=f"conv1x1_{i}")(x)
@@ -143,6 +150,7 @@ class DualPathDenseNet(nn.Module):
     head_drop_rate: float = 0.5
     fusion: str = "concat"
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -160,6 +168,7 @@ class DualPathDenseNet(nn.Module):
                 early_fusion=self.in_channels == 2,
                 return_logits=False,
                 dtype=self.dtype,
+                axis_name=self.axis_name,
                 name=f"stream_{c + 1}",
             )(x[..., c : c + 1], train=train)
             for c in range(self.in_channels)
@@ -184,6 +193,7 @@ class DualSingleDenseNet(nn.Module):
     drop_rate: float = 0.1
     head_drop_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -194,7 +204,7 @@ class DualSingleDenseNet(nn.Module):
         def early(i, rate):
             return DenseBlock(
                 (EARLY_WIDTH - 1,),
-                norm="batch",
+                norm=batch_norm(self.axis_name),
                 dropout=rate,
                 dtype=self.dtype,
                 name=f"early_conv_{i}",
@@ -212,6 +222,7 @@ class DualSingleDenseNet(nn.Module):
             head_drop_rate=self.head_drop_rate,
             early_fusion=True,
             dtype=self.dtype,
+            axis_name=self.axis_name,
             name="stream_1",
         )(jnp.concatenate(ys, axis=-1), train=train)
 

@@ -36,7 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models._medzoo import DenseBlock, load
+from medjax.models._medzoo import DenseBlock, batch_norm, load
 from medjax.models.torch_import import read_state_dict
 from medjax.nn.blocks import ConvNormAct
 from medjax.nn.layers import Conv, ConvTranspose, max_pool
@@ -58,10 +58,11 @@ class _Upsampling(nn.Module):
     """BN, ReLU, 1^3 conv (no bias), then transposed convs 2^3 stride 2 to 128 and 64 (biases)."""
 
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.relu(BatchNorm(name="norm")(x, train=train))
+        x = nn.relu(BatchNorm(axis_name=self.axis_name, name="norm")(x, train=train))
         x = Conv(x.shape[-1], 1, padding=0, use_bias=False, dtype=self.dtype, name="conv")(x)
         x = ConvTranspose(UP_FEATURES[0], 2, 2, dtype=self.dtype, name="transp_conv_1")(x)
         return ConvTranspose(UP_FEATURES[1], 2, 2, dtype=self.dtype, name="transp_conv_2")(x)
@@ -72,7 +73,8 @@ class DenseVoxelNet(nn.Module):
 
     Submodules ``conv_init``, ``dense_1``/``dense_2`` (layers ``layer_i``), ``trans`` (``norm``,
     ``conv``), ``up_block`` (``norm``, ``conv``, ``transp_conv_1``, ``transp_conv_2``),
-    ``transpose`` and the shared ``conv_final``. See the module docstring.
+    ``transpose`` and the shared ``conv_final``. See the module docstring. ``axis_name``
+    (medjax; default None) synchronises every BatchNorm over a ``pmap`` axis.
     """
 
     in_channels: int = 2
@@ -80,6 +82,7 @@ class DenseVoxelNet(nn.Module):
     drop_rate: float = 0.2
     dropout_twice: bool = True
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -104,6 +107,7 @@ class DenseVoxelNet(nn.Module):
                 drop_rate=self.drop_rate,
                 dropout_twice=self.dropout_twice,
                 dtype=self.dtype,
+                norm=batch_norm(self.axis_name),
                 name=name,
             )
 
@@ -118,10 +122,17 @@ class DenseVoxelNet(nn.Module):
         )(x)
         x = dense("dense_1")(x, train)
         k = ConvNormAct(
-            x.shape[-1], 1, padding=0, use_bias=True, order="pre", dtype=self.dtype, name="trans"
+            x.shape[-1],
+            1,
+            padding=0,
+            use_bias=True,
+            norm=batch_norm(self.axis_name),
+            order="pre",
+            dtype=self.dtype,
+            name="trans",
         )(x, train)
         x = dense("dense_2")(max_pool(k, 2), train)
-        x = _Upsampling(self.dtype, name="up_block")(x, train)
+        x = _Upsampling(self.dtype, self.axis_name, name="up_block")(x, train)
         conv_final = Conv(
             self.num_classes, 1, padding=0, use_bias=False, dtype=self.dtype, name="conv_final"
         )

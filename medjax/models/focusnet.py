@@ -82,6 +82,7 @@ __all__ = [
     "FocusNetV2",
     "HeatmapHead",
     "SOSBranch",
+    "SOSBranches",
     "crop_small_labels",
     "focusnet_from_state_dict",
     "load_pytorch_weights",
@@ -126,6 +127,22 @@ def _check_crop_size(crop_size):
             f"pools), got {tuple(crop_size)}"
         )
     return size
+
+
+def _widths(value, n, name):
+    widths = tuple(int(w) for w in value)
+    if len(widths) != n or min(widths) < 1:
+        raise ValueError(f"{name}: expected {n} positive channel counts, got {tuple(value)}")
+    return widths
+
+
+def _with_axis_name(norm, axis_name):
+    """``norm`` with BatchNorm statistics synchronised over ``axis_name`` (names 'batch'/'bn' only)."""
+    if axis_name is None:
+        return norm
+    if isinstance(norm, str) and norm.lower() in _BATCH_NAMES:
+        return functools.partial(BatchNorm, axis_name=axis_name)
+    return norm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,17 +211,19 @@ class HeatmapHead(nn.Module):
     """``heatmap_pred`` (SOL-Net): ``(B, *S, C) -> (B, *S, features)`` heatmaps after a sigmoid.
 
     BN-ReLU-conv3 (no bias), BN-ReLU-conv3 (no bias), conv1 (bias), sigmoid. The BatchNorms are
-    hard-coded in the original whatever its ``norm`` (55,523 parameters for 32 -> 3).
+    hard-coded in the original whatever its ``norm`` (55,523 parameters for 32 -> 3); ``axis_name``
+    synchronises their statistics over a ``pmap`` axis.
     """
 
     features: int = 3
+    axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         c = x.shape[-1]
         for i in (1, 2):
-            x = nn.relu(BatchNorm(name=f"bn{i}")(x, train=train))
+            x = nn.relu(BatchNorm(axis_name=self.axis_name, name=f"bn{i}")(x, train=train))
             x = Conv(c, 3, padding=1, use_bias=False, dtype=self.dtype, name=f"conv{i}")(x)
         x = Conv(self.features, 1, padding=0, dtype=self.dtype, name="conv3")(x)
         return nn.sigmoid(x.astype(jnp.float32))
@@ -224,29 +243,50 @@ class SOSBranch(nn.Module):
     ``x[:, -1:]``). inconv 1->24, 2 blocks 24->32 (o1), maxpool (1,2,2), 2 blocks 32->48 (o2),
     maxpool (2,2,2), 2 blocks 48->64 (no dilated stage), DenseASPP dilations (1,3,3), (1,5,5),
     (1,7,7), (1,9,9), up to o2 and o1 with the literal 3^3 convs, 1x1 ``out_conv``. Size-agnostic:
-    D even, H and W multiples of 4. 1,610,031 parameters.
+    D even, H and W multiples of 4. 1,610,031 parameters at the original's widths: ``features``
+    (inconv, o1, o2, o3) = (24, 32, 48, 64) and ``aspp_features`` (1x1 reduction, growth) = (64, 32);
+    smaller widths give a lighter branch of the same layout (not importable from the original).
     """
 
     num_classes: int = 1
     norm: Any = "batch"
+    features: Sequence[int] = (24, 32, 48, 64)
+    aspp_features: Sequence[int] = (64, 32)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         _check_volume("x", x, None, "SOSBranch")
+        f0, f1, f2, f3 = _widths(self.features, 4, "features")
+        mid, growth = _widths(self.aspp_features, 2, "aspp_features")
         kw = dict(norm=self.norm, dtype=self.dtype)
-        x = InConv(24, name="share_conv1x", **kw)(x[..., -1:], train)
-        o1 = _stage(x, "share_conv1x_2", 32, 2, train, **kw)
-        o2 = _stage(max_pool(o1, (1, 2, 2)), "share_conv2x", 48, 2, train, **kw)
-        o3 = _stage(max_pool(o2, (2, 2, 2)), "share_conv4x", 64, 2, train, **kw)
-        feat = DenseASPP((3, 5, 7, 9), 64, 32, norm=self.norm, dtype=self.dtype, name="share_aspp")(
-            o3, train
-        )
-        lit1 = Conv(48, 3, padding=1, dtype=self.dtype, name="share_literal1")(o2)
-        out = UpBlock(48, (2, 2, 2), name="share_up1", **kw)(feat, lit1, train)
-        lit2 = Conv(32, 3, padding=1, dtype=self.dtype, name="share_literal2")(o1)
-        out = UpBlock(32, (1, 2, 2), name="share_up2", **kw)(out, lit2, train)
+        x = InConv(f0, name="share_conv1x", **kw)(x[..., -1:], train)
+        o1 = _stage(x, "share_conv1x_2", f1, 2, train, **kw)
+        o2 = _stage(max_pool(o1, (1, 2, 2)), "share_conv2x", f2, 2, train, **kw)
+        o3 = _stage(max_pool(o2, (2, 2, 2)), "share_conv4x", f3, 2, train, **kw)
+        feat = DenseASPP(
+            (3, 5, 7, 9), mid, growth, norm=self.norm, dtype=self.dtype, name="share_aspp"
+        )(o3, train)
+        lit1 = Conv(f2, 3, padding=1, dtype=self.dtype, name="share_literal1")(o2)
+        out = UpBlock(f2, (2, 2, 2), name="share_up1", **kw)(feat, lit1, train)
+        lit2 = Conv(f1, 3, padding=1, dtype=self.dtype, name="share_literal2")(o1)
+        out = UpBlock(f1, (1, 2, 2), name="share_up2", **kw)(out, lit2, train)
         return Conv(self.num_classes, 1, padding=0, dtype=self.dtype, name="out_conv")(out)
+
+
+#: All organs' SOS branches as one module, the organs a ``vmap`` axis: called as
+#: ``SOSBranches(num_classes, norm=..., features=..., aspp_features=...)(crops, train)`` on crops
+#: ``(n_small, B, *crop, C) -> (n_small, B, *crop, num_classes)`` logits, with every parameter and
+#: BatchNorm statistic stacked along a leading organ axis. :class:`FocusNetV2` holds one under
+#: ``SOS``; on its own (e.g. to train the branches on crops with S-Net frozen) its variables are
+#: exactly FocusNetV2's ``params/SOS`` and ``batch_stats/SOS`` subtrees.
+SOSBranches = nn.vmap(
+    SOSBranch,
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True, "dropout": True},
+    in_axes=(0, None),
+    out_axes=0,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,6 +389,13 @@ class FocusNetV2(nn.Module):
     ->64, 2 blocks 64->64 with conv2 dilated (1,2,2), DenseASPP (1,3,3)..(1,18,18) with the new
     features first (192 ch), up x(2,2,2) with ``literal1(o2)``, up x(1,2,2) with ``literal2(o1)``
     (the 32-ch ``feature_map``), 1x1 ``out_conv``.
+
+    Widths default to the original's (the parameter counts above): ``features`` (o1, o2, o3/o4) =
+    (32, 48, 64) and ``aspp_features`` (1x1 reduction, growth) = (64, 32) for S-Net,
+    ``sos_features`` / ``sos_aspp_features`` for the SOS branches (:class:`SOSBranch`). Smaller
+    widths give a lighter network of the same layout (for CPU runs; not importable). ``axis_name``
+    synchronises every BatchNorm (S-Net's when ``norm`` is 'batch', the heatmap head's, the SOS
+    branches') over a ``pmap`` axis.
     """
 
     in_channels: int = 1
@@ -360,6 +407,11 @@ class FocusNetV2(nn.Module):
     crop_size: Sequence[int] = (8, 64, 64)
     heatmap_threshold: float | None = None
     detach_heatmap: bool = False
+    features: Sequence[int] = (32, 48, 64)
+    aspp_features: Sequence[int] = (64, 32)
+    sos_features: Sequence[int] = (24, 32, 48, 64)
+    sos_aspp_features: Sequence[int] = (64, 32)
+    axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     def _check(self, x):
@@ -385,21 +437,30 @@ class FocusNetV2(nn.Module):
         return organs
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False, heatmap_threshold=None):
-        """The output dict above; ``heatmap_threshold`` (a float or traced scalar) overrides the field."""
+    def __call__(self, x, *, train: bool = False, heatmap_threshold=None, location=None):
+        """The output dict above.
+
+        ``heatmap_threshold`` (a float or traced scalar) overrides the field. ``location``
+        ``(B, n_small, 3)`` gives the crop centres instead of the heatmap peaks (e.g. the ground
+        truth's, to measure SOS without SOL's localisation errors); they are clamped the same way,
+        and the threshold still reads the heatmap peaks.
+        """
         organs = self._check(x)
-        kw = dict(norm=self.norm, dtype=self.dtype)
-        o1 = InConv(32, name="conv1x", **kw)(x, train)
-        o2 = _stage(max_pool(o1, (1, 2, 2)), "conv2x", 48, 2, train, **kw)
-        o3 = _stage(max_pool(o2, (2, 2, 2)), "conv4x", 64, 2, train, **kw)
-        o4 = _stage(o3, "conv4xd2", 64, 2, train, dilation=(1, 2, 2), **kw)
-        feat = DenseASPP((3, 6, 12, 18), 64, 32, norm=self.norm, dtype=self.dtype, name="aspp")(
+        f1, f2, f3 = _widths(self.features, 3, "features")
+        mid, growth = _widths(self.aspp_features, 2, "aspp_features")
+        norm = _with_axis_name(self.norm, self.axis_name)
+        kw = dict(norm=norm, dtype=self.dtype)
+        o1 = InConv(f1, name="conv1x", **kw)(x, train)
+        o2 = _stage(max_pool(o1, (1, 2, 2)), "conv2x", f2, 2, train, **kw)
+        o3 = _stage(max_pool(o2, (2, 2, 2)), "conv4x", f3, 2, train, **kw)
+        o4 = _stage(o3, "conv4xd2", f3, 2, train, dilation=(1, 2, 2), **kw)
+        feat = DenseASPP((3, 6, 12, 18), mid, growth, norm=norm, dtype=self.dtype, name="aspp")(
             o4, train
         )
-        lit1 = Conv(48, 3, padding=1, dtype=self.dtype, name="literal1")(o2)
-        out = UpBlock(48, (2, 2, 2), name="up1", **kw)(feat, lit1, train)
-        lit2 = Conv(32, 3, padding=1, dtype=self.dtype, name="literal2")(o1)
-        feature_map = UpBlock(32, (1, 2, 2), name="up2", **kw)(out, lit2, train)
+        lit1 = Conv(f2, 3, padding=1, dtype=self.dtype, name="literal1")(o2)
+        out = UpBlock(f2, (2, 2, 2), name="up1", **kw)(feat, lit1, train)
+        lit2 = Conv(f1, 3, padding=1, dtype=self.dtype, name="literal2")(o1)
+        feature_map = UpBlock(f1, (1, 2, 2), name="up2", **kw)(out, lit2, train)
         logits = Conv(self.num_classes, 1, padding=0, dtype=self.dtype, name="out_conv")(
             feature_map
         )
@@ -408,24 +469,36 @@ class FocusNetV2(nn.Module):
             return result
 
         fm = jax.lax.stop_gradient(feature_map) if self.detach_heatmap else feature_map
-        heatmap = HeatmapHead(len(organs), dtype=self.dtype, name="SOL")(fm, train)
+        heatmap = HeatmapHead(len(organs), axis_name=self.axis_name, dtype=self.dtype, name="SOL")(
+            fm, train
+        )
         result["heatmap"] = heatmap
         if not self.sos:
             return result
 
         size = tuple(int(s) for s in self.crop_size)
-        location, peak = locate_small_organs(heatmap, size)
+        location_peak, peak = locate_small_organs(heatmap, size)
+        if location is None:
+            location = location_peak
+        else:
+            location = jnp.asarray(location)
+            if location.shape != location_peak.shape:
+                raise ValueError(
+                    f"location: expected crop centres {location_peak.shape} (B, n_small, 3), got "
+                    f"shape {location.shape}"
+                )
+            start = box_starts(location.reshape(-1, 3), size, x.shape[1:4])
+            location = (start + jnp.asarray(size, jnp.int32) // 2).reshape(location_peak.shape)
         image = jax.lax.stop_gradient(x[..., -1:])
         crops = jax.vmap(lambda c: crop_at(image, c, size), in_axes=1)(location)  # (n, B, *size, 1)
-        branches = nn.vmap(
-            SOSBranch,
-            variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, None),
-            out_axes=0,
-            axis_size=len(organs),
-        )
-        small = branches(1, norm=self.norm, dtype=self.dtype, name="SOS")(crops, train)
+        small = SOSBranches(
+            1,
+            norm=norm,
+            features=self.sos_features,
+            aspp_features=self.sos_aspp_features,
+            dtype=self.dtype,
+            name="SOS",
+        )(crops, train)
         small = jnp.moveaxis(small.astype(jnp.float32), 0, 1)  # (B, n, *size, 1)
 
         threshold = self.heatmap_threshold if heatmap_threshold is None else heatmap_threshold
@@ -450,46 +523,67 @@ class ConvAE(nn.Module):
     checkpoints import), ``fc2`` back, ReLU, then three trilinear x2 (align_corners) upsamplings
     with conv5..conv8. :meth:`encode` gives the code, :meth:`decode` the logits (no sigmoid, as the
     original's ``decode``). 31,148,801 parameters.
+
+    The defaults are the original's. ``crop_size`` (each a multiple of 8; the bottleneck map is
+    ``crop_size / 8``), ``features`` (conv1..conv4) and ``decoder_features`` (conv5..conv7) give a
+    smaller autoencoder of the same layout for smaller crops (not importable from the original);
+    ``axis_name`` synchronises its BatchNorms over a ``pmap`` axis.
     """
 
     latent_features: int = 512
+    crop_size: Sequence[int] = (8, 64, 64)
+    features: Sequence[int] = (64, 128, 128, 256)
+    decoder_features: Sequence[int] = (128, 128, 64)
+    axis_name: str | None = None
     dtype: Dtype = jnp.float32
 
     def setup(self):
         def conv(features, stride=1, name=None):
             return Conv(features, 5, strides=stride, padding=2, dtype=self.dtype, name=name)
 
-        self.conv1, self.conv2 = conv(64, 2), conv(128, 2)
-        self.conv3, self.conv4 = conv(128, 1), conv(256, 2)
-        self.conv5, self.conv6, self.conv7, self.conv8 = conv(128), conv(128), conv(64), conv(1)
-        self.bn1, self.bn2, self.bn3, self.bn4 = (BatchNorm() for _ in range(4))
-        self.bn5, self.bn6, self.bn7 = (BatchNorm() for _ in range(3))
-        self.fc1 = nn.Dense(self.latent_features, dtype=self.dtype)
-        self.fc2 = nn.Dense(256 * 8 * 8, dtype=self.dtype)
-
-    @staticmethod
-    def _check(x):
-        if tuple(x.shape[1:]) != (8, 64, 64, 1) or x.ndim != 5:
+        size = tuple(int(s) for s in self.crop_size)
+        if len(size) != 3 or any(s < 8 or s % 8 for s in size):
             raise ValueError(
-                f"x: ConvAE expects masks (B, 8, 64, 64, 1) (its fc1 reads a 256x1x8x8 map), "
-                f"got shape {tuple(x.shape)}"
+                f"crop_size: ConvAE needs (D, H, W) multiples of 8 (three stride-2 convs), got "
+                f"{tuple(self.crop_size)}"
+            )
+        f1, f2, f3, f4 = _widths(self.features, 4, "features")
+        d5, d6, d7 = _widths(self.decoder_features, 3, "decoder_features")
+        self._bottleneck = (size[0] // 8, size[1] // 8, size[2] // 8, f4)
+        self.conv1, self.conv2 = conv(f1, 2), conv(f2, 2)
+        self.conv3, self.conv4 = conv(f3, 1), conv(f4, 2)
+        self.conv5, self.conv6, self.conv7, self.conv8 = conv(d5), conv(d6), conv(d7), conv(1)
+        bn = functools.partial(BatchNorm, axis_name=self.axis_name)
+        self.bn1, self.bn2, self.bn3, self.bn4 = (bn() for _ in range(4))
+        self.bn5, self.bn6, self.bn7 = (bn() for _ in range(3))
+        self.fc1 = nn.Dense(self.latent_features, dtype=self.dtype)
+        self.fc2 = nn.Dense(int(np.prod(self._bottleneck)), dtype=self.dtype)
+
+    def _check(self, x):
+        size = tuple(int(s) for s in self.crop_size)
+        if tuple(x.shape[1:]) != (*size, 1) or x.ndim != 5:
+            d, h, w = (s // 8 for s in size)
+            raise ValueError(
+                f"x: ConvAE expects masks (B, {', '.join(map(str, size))}, 1) (its fc1 reads a "
+                f"{self.features[3]}x{d}x{h}x{w} map), got shape {tuple(x.shape)}"
             )
 
     def _block(self, conv, bn, x, train):
         return nn.relu(bn(conv(x), train=train))
 
     def encode(self, x, train: bool = False):
-        """The latent code ``(B, latent_features)`` of masks ``(B, 8, 64, 64, 1)``."""
+        """The latent code ``(B, latent_features)`` of masks ``(B, *crop_size, 1)``."""
         self._check(x)
         x = self._block(self.conv1, self.bn1, x, train)
         x = self._block(self.conv2, self.bn2, x, train)
         x = self._block(self.conv3, self.bn3, x, train)
-        x = self._block(self.conv4, self.bn4, x, train)  # (B, 1, 8, 8, 256)
+        x = self._block(self.conv4, self.bn4, x, train)  # (B, 1, 8, 8, 256) at the defaults
         x = jnp.transpose(x, (0, 4, 1, 2, 3)).reshape(x.shape[0], -1)  # torch's (C, D, H, W)
         return self.fc1(x)
 
     def _decode(self, code, train):
-        x = self.fc2(code).reshape(code.shape[0], 256, 1, 8, 8)
+        d, h, w, c = self._bottleneck
+        x = self.fc2(code).reshape(code.shape[0], c, d, h, w)
         x = nn.relu(jnp.transpose(x, (0, 2, 3, 4, 1)))
         x = upsample(x, 2, mode="linear", align_corners=True)
         x = self._block(self.conv5, self.bn5, x, train)
@@ -500,7 +594,7 @@ class ConvAE(nn.Module):
         return self.conv8(x), x1, x2
 
     def decode(self, code, train: bool = False):
-        """Reconstruction logits ``(B, 8, 64, 64, 1)`` (no sigmoid) from codes ``(B, latent_features)``."""
+        """Reconstruction logits ``(B, *crop_size, 1)`` (no sigmoid) from codes ``(B, latent_features)``."""
         return self._decode(code, train)[0]
 
     def __call__(self, x, *, train: bool = False, return_dict: bool = False):
@@ -603,6 +697,31 @@ def _heatmap_spec(f, t):
     ]
 
 
+_ORIGINAL_WIDTHS = {
+    "features": {
+        FocusNetV2: (32, 48, 64),
+        SOSBranch: (24, 32, 48, 64),
+        ConvAE: (64, 128, 128, 256),
+    },
+    "aspp_features": {FocusNetV2: (64, 32), SOSBranch: (64, 32)},
+    "sos_features": {FocusNetV2: (24, 32, 48, 64)},
+    "sos_aspp_features": {FocusNetV2: (64, 32)},
+    "decoder_features": {ConvAE: (128, 128, 64)},
+    "crop_size": {ConvAE: (8, 64, 64)},
+}
+
+
+def _check_original_widths(model):
+    """Raise unless ``model`` has the original's widths (only those checkpoints exist)."""
+    for field, by_type in _ORIGINAL_WIDTHS.items():
+        want = by_type.get(type(model))
+        if want is not None and tuple(int(v) for v in getattr(model, field)) != want:
+            raise ValueError(
+                f"model.{field}: the original's checkpoints have {field}={want}, got "
+                f"{tuple(getattr(model, field))}"
+            )
+
+
 def _organ_path(j):
     return f"SOS_organ_{j}"
 
@@ -616,6 +735,7 @@ def torch_spec(model) -> list[tuple[str, str, str]]:
     the SOS branch j maps to the temporary path ``SOS_organ_{j}/...``; :func:`load_pytorch_weights`
     stacks these into the vmapped ``SOS`` axis.
     """
+    _check_original_widths(model)
     if isinstance(model, ConvAE):
         spec = [(f"conv{i}", f"conv{i}", "conv") for i in range(1, 9)]
         spec += [(f"bn{i}", f"bn{i}", "batch_norm") for i in range(1, 8)]

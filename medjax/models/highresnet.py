@@ -32,10 +32,11 @@ class _PreAct(nn.Module):
     kernel_size: int = 3
     dilation: int = 1
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.relu(BatchNorm(name="bn")(x, train=train))
+        y = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn")(x, train=train))
         pad = self.dilation * (self.kernel_size - 1) // 2
         return Conv(
             self.features,
@@ -65,23 +66,26 @@ class HighResNet3D(nn.Module):
     (``train=True``: batch statistics, ``mutable=["batch_stats"]``). ``dropout_rate`` is a medjax
     field (0 turns dropout off). The original's other settings, ``shortcut_type="B"`` (1^3
     projection shortcuts) and ``dropout_layer=False``, are not used by MedicalZoo's factory and
-    are not ported.
+    are not ported. ``axis_name`` (medjax; default None) synchronises every BatchNorm over a
+    ``pmap`` axis.
     """
 
     in_channels: int = 2
     num_classes: int = 4
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         _medzoo.check_input("HighResNet3D", x, ndim=3, channels=self.in_channels)
+        ax = self.axis_name
         y1 = Conv(16, 3, padding=1, dtype=self.dtype, name="conv_init_conv1")(x)
-        y2 = nn.relu(BatchNorm(name="conv_init_norm")(y1, train=train))
+        y2 = nn.relu(BatchNorm(axis_name=ax, name="conv_init_norm")(y1, train=train))
 
         def block(name, features, dilation, h):
             for j in range(2):
-                h = _PreAct(features, 3, dilation, self.dtype, name=f"{name}_{j}")(h, train)
+                h = _PreAct(features, 3, dilation, self.dtype, ax, name=f"{name}_{j}")(h, train)
             return h
 
         prev, res = y1, y2  # the main-path input and the residual added to the first output
@@ -95,7 +99,7 @@ class HighResNet3D(nn.Module):
         out = prev + res
         out = Conv(80, 1, padding=0, dtype=self.dtype, name="conv_out_0")(out)
         out = Dropout(self.dropout_rate, channelwise=True)(out, train)
-        return _PreAct(self.num_classes, 1, 1, self.dtype, name="conv_out_2")(out, train)
+        return _PreAct(self.num_classes, 1, 1, self.dtype, ax, name="conv_out_2")(out, train)
 
 
 def torch_spec():

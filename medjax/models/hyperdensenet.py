@@ -21,6 +21,8 @@ How it differs from the original, and why:
 - The original asserts ``in_channels`` (2 or 3) at construction and crashes deep inside on a
   small input; here a wrong ``in_channels``, an input with other channels, a spatial size below
   19 or a non-3D input raise ``ValueError`` naming the constraint.
+- ``axis_name`` (medjax; default None) synchronises every BatchNorm over a ``pmap`` axis; None
+  keeps the network, and its parameter tree, as the original.
 
 Parameter counts (4 classes): HyperDenseNet_2Mod 10,361,922; HyperDenseNet 23,173,431 (the
 original's, nothing dead).
@@ -61,11 +63,12 @@ class _Unit(nn.Module):
     features: int
     batch_norm: bool
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.batch_norm:
-            x = BatchNorm(name="norm")(x, train=train)
+            x = BatchNorm(axis_name=self.axis_name, name="norm")(x, train=train)
         x = PReLU(channelwise=False, name="act")(x)
         return Conv(self.features, 3, padding="VALID", dtype=self.dtype, name="conv")(x)
 
@@ -82,6 +85,7 @@ class _HyperDense(nn.Module):
     in_channels: int
     num_classes: int = 4
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -105,13 +109,17 @@ class _HyperDense(nn.Module):
             )
         # inputs[p]: the input of path p's current unit; outs[p]: that unit's output.
         outs = [
-            _Unit(GROWTHS[0], False, self.dtype, name=f"conv1_{path}")(x[..., p : p + 1], train)
+            _Unit(GROWTHS[0], False, self.dtype, self.axis_name, name=f"conv1_{path}")(
+                x[..., p : p + 1], train
+            )
             for p, path in enumerate(self.PATHS)
         ]
         inputs = [jnp.concatenate([outs[p]] + outs[:p] + outs[p + 1 :], -1) for p in range(n)]
         for k, growth in enumerate(GROWTHS[1:], start=2):
             outs = [
-                _Unit(growth, True, self.dtype, name=f"conv{k}_{path}")(inputs[p], train)
+                _Unit(growth, True, self.dtype, self.axis_name, name=f"conv{k}_{path}")(
+                    inputs[p], train
+                )
                 for p, path in enumerate(self.PATHS)
             ]
             inputs = [

@@ -138,11 +138,13 @@ class _Group(nn.Module):
     num_classes: int = 5
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         k, f = self.index, self.features
         drop = functools.partial(Dropout, self.dropout)
+        norm = functools.partial(_seg_norm, axis_name=self.axis_name)
         if k == 10:
             c = _PS * _PS * 8 * self.num_classes
             y = Conv(c, 3, padding="SYMMETRIC", use_bias=False, dtype=self.dtype, name="conv")(x)
@@ -153,7 +155,7 @@ class _Group(nn.Module):
                 x = ConvNormAct(
                     width,
                     3,
-                    norm=_seg_norm,
+                    norm=norm,
                     act=_lrelu,
                     dropout=self.dropout,
                     dtype=self.dtype,
@@ -170,7 +172,7 @@ class _Group(nn.Module):
             x = ResidualBlock(
                 width,
                 dilations=(dilation, dilation),
-                norm=_seg_norm,
+                norm=norm,
                 act=_lrelu,
                 shortcut="pad",
                 dropout=self.dropout,
@@ -192,6 +194,7 @@ def _run_groups(module, x, first, last, train, feats):
             module.num_classes,
             module.dropout,
             module.dtype,
+            module.axis_name,
             name=f"group_{k}",
         )(x, train)
         if k in FEATURE_NAMES:
@@ -202,7 +205,13 @@ def _run_groups(module, x, first, last, train, feats):
 def _head(module, x, train):
     """Group 10 and the 5x5 output convolution (no dropout: keep_prob 1, ``:206``): the logits."""
     x = _Group(
-        10, module.features, module.num_classes, module.dropout, module.dtype, name="group_10"
+        10,
+        module.features,
+        module.num_classes,
+        module.dropout,
+        module.dtype,
+        module.axis_name,
+        name="group_10",
     )(x, train)
     return Conv(
         module.num_classes,
@@ -254,6 +263,10 @@ class PnPAdaNet(nn.Module):
     7 and 9 under :data:`FEATURE_NAMES` (``block4_2 (B, H/8, W/8, 8f)``, ``block6_2 (.., 16f)``,
     ``block7_2 (.., 32f)``, ``conv9_2 (.., 32f)``) and ``"logits"``.
 
+    ``axis_name`` (None) synchronises every batch norm's training statistics over a ``jax.pmap``
+    axis, so a pmapped step normalises with the global batch as one device does (the front, the
+    back and the critics take the same field).
+
     Differences from the original: the pixel shuffle has the batch > 1 order for every batch size
     (the original's batch-1 graph differs); lecun-normal initialisation. The released
     ``source_segmenter.py`` does not parse and ``Full_DRN`` does not build (ORIGINALS 3.5); the
@@ -265,6 +278,7 @@ class PnPAdaNet(nn.Module):
     in_channels: int = 3
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
@@ -296,6 +310,7 @@ class PnPAdaNetFront(nn.Module):
     in_channels: int = 3
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
@@ -323,6 +338,7 @@ class PnPAdaNetBack(nn.Module):
     features: int = 16
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, h, *, train: bool = False, return_features: bool = False):
@@ -384,10 +400,12 @@ class _BatchStatNorm(nn.Module):
 
     Parameters ``scale`` (gamma) and ``bias`` (beta); no running statistics: the critics' moving
     averages are updated by the original but never read. Biased variance, epsilon 1e-3.
+    ``axis_name`` averages the statistics over a ``pmap`` axis (the global batch's statistics).
     """
 
     epsilon: float = 1e-3
     dtype: Dtype | None = None
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -396,7 +414,10 @@ class _BatchStatNorm(nn.Module):
         xf = x.astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
         mean = jnp.mean(xf, axes)
-        var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+        mean_sq = jnp.mean(jnp.square(xf), axes)
+        if self.axis_name is not None and not self.is_initializing():
+            mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         y = y * self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -412,12 +433,13 @@ class _CriticStage(nn.Module):
     strides: int
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = ResidualBlock(
             self.width,
-            norm=_BatchStatNorm,
+            norm=functools.partial(_BatchStatNorm, axis_name=self.axis_name),
             act=_lrelu,
             shortcut="pad",
             dropout=self.dropout,
@@ -436,7 +458,7 @@ def _critic_conv(module, features, k, s, padding, name):
         k,
         strides=s,
         padding=padding,
-        norm=_BatchStatNorm,
+        norm=functools.partial(_BatchStatNorm, axis_name=module.axis_name),
         act=_lrelu,
         dropout=module.dropout,
         dtype=module.dtype,
@@ -472,7 +494,7 @@ class PnPAdaNetCritic(nn.Module):
     trainable parameters). Every convolution is bias-free and followed by dropout (rate
     ``dropout``) in training; every BN normalises with the batch's statistics in training and
     evaluation alike, as the original's critics (``cls_bn`` is always True), and keeps no running
-    statistics.
+    statistics (over the ``axis_name`` pmap axis too, when given).
 
     ``in_channels`` None means the original's 2b; another value (a reduced-width experiment's
     :func:`critic_inputs`, at most 4b) is zero-padded to 4b in ``cls_1``'s shortcut, low side
@@ -493,6 +515,7 @@ class PnPAdaNetCritic(nn.Module):
     in_channels: int | None = None
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -508,9 +531,9 @@ class PnPAdaNetCritic(nn.Module):
             raise ValueError(f"x: expected {c_in} channels (in_channels), got {x.shape[-1]}")
         stages = ((4, 3, 2), (8, 5, 2), (16, 3, 2), (32, 3, 2), (32, 5, 4))
         for i, (w, k, s) in enumerate(stages, start=1):
-            x = _CriticStage(w * b, w * b, k, s, self.dropout, self.dtype, name=f"cls_{i}")(
-                x, train
-            )
+            x = _CriticStage(
+                w * b, w * b, k, s, self.dropout, self.dtype, self.axis_name, name=f"cls_{i}"
+            )(x, train)
         x = _critic_conv(self, 32 * b, 3, 2, "SYMMETRIC", "cls_6")(x, train)
         return _flatten_linear(x, "cls_out")
 
@@ -530,6 +553,7 @@ class PnPAdaNetMaskCritic(nn.Module):
     features: int = 16
     dropout: float = 0.25
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -540,8 +564,11 @@ class PnPAdaNetMaskCritic(nn.Module):
             )
         b = self.features
         x = _critic_conv(self, b, 3, 2, "SAME", "mask_cls_1")(x, train)
-        x = _CriticStage(b, 2 * b, 5, 4, self.dropout, self.dtype, name="mask_cls_2")(x, train)
-        x = _CriticStage(4 * b, 8 * b, 5, 4, self.dropout, self.dtype, name="mask_cls_3")(x, train)
+        ax = self.axis_name
+        x = _CriticStage(b, 2 * b, 5, 4, self.dropout, self.dtype, ax, name="mask_cls_2")(x, train)
+        x = _CriticStage(4 * b, 8 * b, 5, 4, self.dropout, self.dtype, ax, name="mask_cls_3")(
+            x, train
+        )
         x = _critic_conv(self, 16 * b, 5, 4, "SYMMETRIC", "mask_cls_4")(x, train)
         return _flatten_linear(x, "m_cls_out")
 

@@ -45,7 +45,8 @@ class ResNetMed3D(nn.Module):
       BN, ReLU, conv 1^3 -> classes (no bias). No softmax; the original's forward prints the
       feature shape, this one does not.
 
-    BatchNorm: torch's defaults (``train=True``: batch statistics, ``mutable=["batch_stats"]``).
+    BatchNorm: torch's defaults (``train=True``: batch statistics, ``mutable=["batch_stats"]``);
+    ``axis_name`` (medjax; default None) synchronises them over a ``pmap`` axis.
     The original's options that the factory leaves at their defaults (``shortcut_type="A"``,
     ``no_max_pool``, ``widen_factor``) are not ported.
     """
@@ -54,6 +55,7 @@ class ResNetMed3D(nn.Module):
     num_classes: int = 4
     depth: int = 18
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -63,7 +65,8 @@ class ResNetMed3D(nn.Module):
             )
         _medzoo.check_input("ResNetMed3D", x, ndim=3, channels=self.in_channels, multiple=8)
         y = Conv(64, 7, strides=2, padding=3, use_bias=False, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(BatchNorm(name="bn1")(y, train=train))
+        ax = self.axis_name
+        y = nn.relu(BatchNorm(axis_name=ax, name="bn1")(y, train=train))
         y = max_pool(y, 3, 2, padding=1)
         for layer, ((width, stride, dilation), n) in enumerate(
             zip(_PLAN, LAYERS[self.depth], strict=True), start=1
@@ -73,7 +76,7 @@ class ResNetMed3D(nn.Module):
                     width,
                     strides=stride if i == 0 else 1,
                     dilations=(dilation, 1),
-                    norm="batch",
+                    norm=_medzoo.batch_norm(ax),
                     act=nn.relu,
                     shortcut="auto",
                     dtype=self.dtype,
@@ -81,9 +84,9 @@ class ResNetMed3D(nn.Module):
                 )(y, train=train)
         for i in (1, 2, 3):
             y = ConvTranspose(256, 2, strides=2, dtype=self.dtype, name=f"segm_transp_{i}")(y)
-            y = nn.relu(BatchNorm(name=f"segm_transp_{i}_bn")(y, train=train))
+            y = nn.relu(BatchNorm(axis_name=ax, name=f"segm_transp_{i}_bn")(y, train=train))
         y = Conv(128, 3, padding=1, use_bias=False, dtype=self.dtype, name="segm_conv_1")(y)
-        y = nn.relu(BatchNorm(name="segm_conv_1_bn")(y, train=train))
+        y = nn.relu(BatchNorm(axis_name=ax, name="segm_conv_1_bn")(y, train=train))
         return Conv(
             self.num_classes, 1, padding=0, use_bias=False, dtype=self.dtype, name="segm_conv_final"
         )(y)

@@ -43,7 +43,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.models._medzoo import DenseBlock, load
+from medjax.models._medzoo import DenseBlock, batch_norm, load
 from medjax.models.torch_import import read_state_dict
 from medjax.nn.blocks import ConvNormAct
 from medjax.nn.layers import Conv, ConvTranspose
@@ -75,11 +75,20 @@ class _Transition(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        norm = batch_norm(self.axis_name)
         x = ConvNormAct(
-            self.features, 1, padding=0, use_bias=False, order="pre", dtype=self.dtype, name="conv"
+            self.features,
+            1,
+            padding=0,
+            use_bias=False,
+            norm=norm,
+            order="pre",
+            dtype=self.dtype,
+            name="conv",
         )(x, train)
         return ConvNormAct(
             self.features,
@@ -87,6 +96,7 @@ class _Transition(nn.Module):
             strides=2,
             padding=0,
             use_bias=True,
+            norm=norm,
             order="pre",
             dtype=self.dtype,
             name="pool",
@@ -100,6 +110,7 @@ class SkipDenseNet3D(nn.Module):
     ``conv_pool_first``, ``dense_blocks_i`` (layers ``layer_j`` with ``bottleneck`` and ``layer``),
     ``transit_blocks_i`` (``conv``, ``pool``), ``upsampling_blocks_i``, ``bn_class``,
     ``conv_class``. See the module docstring for the differences from the original.
+    ``axis_name`` (medjax; default None) synchronises every BatchNorm over a ``pmap`` axis.
     """
 
     in_channels: int = 2
@@ -109,6 +120,7 @@ class SkipDenseNet3D(nn.Module):
     drop_rate: float = 0.1
     dropout_twice: bool = True
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -137,7 +149,7 @@ class SkipDenseNet3D(nn.Module):
             return Conv(f, k, use_bias=False, dtype=self.dtype, name=name, **kw)
 
         def bn_relu(name, y):
-            return nn.relu(BatchNorm(name=name)(y, train=train))
+            return nn.relu(BatchNorm(axis_name=self.axis_name, name=name)(y, train=train))
 
         y = bn_relu("norm0", conv("conv0", padding=1)(x))
         y = bn_relu("norm1", conv("conv1", padding=1)(y))
@@ -153,6 +165,7 @@ class SkipDenseNet3D(nn.Module):
                 drop_rate=self.drop_rate,
                 dropout_twice=self.dropout_twice,
                 dtype=self.dtype,
+                norm=batch_norm(self.axis_name),
                 name=f"dense_blocks_{i}",
             )(out, train)
             s = 2 ** (i + 1)
@@ -169,9 +182,9 @@ class SkipDenseNet3D(nn.Module):
                 )(out)
             )
             if i != len(BLOCK_CONFIG) - 1:
-                out = _Transition(out.shape[-1] // 2, self.dtype, name=f"transit_blocks_{i}")(
-                    out, train
-                )
+                out = _Transition(
+                    out.shape[-1] // 2, self.dtype, self.axis_name, name=f"transit_blocks_{i}"
+                )(out, train)
         y = jnp.concatenate(ups + [first], axis=-1)
         y = bn_relu("bn_class", y)
         return Conv(self.num_classes, 1, padding=0, dtype=self.dtype, name="conv_class")(y)

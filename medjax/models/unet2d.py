@@ -29,12 +29,13 @@ class _DoubleConv(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         for i in range(2):
             x = Conv(self.features, 3, padding=1, dtype=self.dtype, name=f"conv_{i}")(x)
-            x = nn.relu(BatchNorm(name=f"bn_{i}")(x, train=train))
+            x = nn.relu(BatchNorm(axis_name=self.axis_name, name=f"bn_{i}")(x, train=train))
         return x
 
 
@@ -46,19 +47,23 @@ class Unet(nn.Module):
     the result to the skip's size (``diff // 2`` before, the rest after, as the original's
     ``F.pad``), concatenate ``[skip, up]``, double conv. The head is a 1x1 conv with a bias; no
     softmax. BatchNorm: torch's defaults (``train=True``: batch statistics,
-    ``mutable=["batch_stats"]``). No dropout. Same as the original throughout.
+    ``mutable=["batch_stats"]``; ``axis_name``, a medjax field, synchronises them over a ``pmap``
+    axis). No dropout. Same as the original throughout.
     """
 
     in_channels: int = 2
     num_classes: int = 4
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         _medzoo.check_input("Unet", x, ndim=2, channels=self.in_channels, min_size=16)
-        skips = [_DoubleConv(64, self.dtype, name="inc")(x, train)]
+        skips = [_DoubleConv(64, self.dtype, self.axis_name, name="inc")(x, train)]
         for name, c in _DOWN:
-            skips.append(_DoubleConv(c, self.dtype, name=name)(max_pool(skips[-1], 2), train))
+            skips.append(
+                _DoubleConv(c, self.dtype, self.axis_name, name=name)(max_pool(skips[-1], 2), train)
+            )
         y = skips.pop()
         for name, c in _UP:
             skip = skips.pop()
@@ -67,7 +72,7 @@ class Unet(nn.Module):
             for s, u in zip(skip.shape[1:3], y.shape[1:3], strict=True):
                 pads.append(((s - u) // 2, s - u - (s - u) // 2))
             y = jnp.pad(y, pads + [(0, 0)])
-            y = _DoubleConv(c, self.dtype, name=name)(
+            y = _DoubleConv(c, self.dtype, self.axis_name, name=name)(
                 jnp.concatenate([skip, y.astype(skip.dtype)], axis=-1), train
             )
         return Conv(self.num_classes, 1, padding=0, dtype=self.dtype, name="outc")(y)

@@ -27,8 +27,8 @@ def _act(elu: bool, name: str, x):
     return jax.nn.elu(x) if elu else PReLU(channelwise=True, name=name)(x)
 
 
-def _bn(name):
-    return BatchNorm(momentum=0.9, epsilon=1e-5, name=name)
+def _bn(name, axis_name=None):
+    return BatchNorm(momentum=0.9, epsilon=1e-5, axis_name=axis_name, name=name)
 
 
 class _LUConv(nn.Module):
@@ -36,11 +36,12 @@ class _LUConv(nn.Module):
 
     elu: bool
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(x.shape[-1], 5, padding=2, dtype=self.dtype, name="conv1")(x)
-        return _act(self.elu, "relu1", _bn("bn1")(y, train=train))
+        return _act(self.elu, "relu1", _bn("bn1", self.axis_name)(y, train=train))
 
 
 class _InputTransition(nn.Module):
@@ -48,10 +49,13 @@ class _InputTransition(nn.Module):
 
     elu: bool
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = _bn("bn1")(Conv(16, 5, padding=2, dtype=self.dtype, name="conv1")(x), train=train)
+        y = _bn("bn1", self.axis_name)(
+            Conv(16, 5, padding=2, dtype=self.dtype, name="conv1")(x), train=train
+        )
         tiled = jnp.take(x, jnp.arange(16) % x.shape[-1], axis=-1)
         return _act(self.elu, "relu1", y + tiled.astype(y.dtype))
 
@@ -64,17 +68,18 @@ class _DownTransition(nn.Module):
     dropout: bool
     rate: float
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         c = 2 * x.shape[-1]
         down = Conv(c, 2, strides=2, padding=0, dtype=self.dtype, name="down_conv")(x)
-        down = _act(self.elu, "relu1", _bn("bn1")(down, train=train))
+        down = _act(self.elu, "relu1", _bn("bn1", self.axis_name)(down, train=train))
         out = down
         if self.dropout:
             out = Dropout(self.rate, channelwise=True, name="do1")(out, train)
         for i in range(self.n_convs):
-            out = _LUConv(self.elu, self.dtype, name=f"ops_{i}")(out, train)
+            out = _LUConv(self.elu, self.dtype, self.axis_name, name=f"ops_{i}")(out, train)
         return _act(self.elu, "relu2", out + down)
 
 
@@ -87,6 +92,7 @@ class _UpTransition(nn.Module):
     dropout: bool
     rate: float
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, skip, train: bool):
@@ -94,11 +100,11 @@ class _UpTransition(nn.Module):
             x = Dropout(self.rate, channelwise=True, name="do1")(x, train)
         skip = Dropout(self.rate, channelwise=True, name="do2")(skip, train)
         up = ConvTranspose(self.out_chans // 2, 2, strides=2, dtype=self.dtype, name="up_conv")(x)
-        up = _act(self.elu, "relu1", _bn("bn1")(up, train=train))
+        up = _act(self.elu, "relu1", _bn("bn1", self.axis_name)(up, train=train))
         cat = jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)
         out = cat
         for i in range(self.n_convs):
-            out = _LUConv(self.elu, self.dtype, name=f"ops_{i}")(out, train)
+            out = _LUConv(self.elu, self.dtype, self.axis_name, name=f"ops_{i}")(out, train)
         return _act(self.elu, "relu2", out + cat)
 
 
@@ -108,11 +114,12 @@ class _OutputTransition(nn.Module):
     classes: int
     elu: bool
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         y = Conv(self.classes, 5, padding=2, dtype=self.dtype, name="conv1")(x)
-        y = _act(self.elu, "relu1", _bn("bn1")(y, train=train))
+        y = _act(self.elu, "relu1", _bn("bn1", self.axis_name)(y, train=train))
         return Conv(self.classes, 1, padding=0, dtype=self.dtype, name="conv2")(y)
 
 
@@ -158,6 +165,7 @@ class VNet(nn.Module):
     elu: bool = False
     dropout_rate: float = 0.5
     dtype: Dtype = jnp.float32
+    axis_name: str | None = None
 
     light: ClassVar[bool] = False
 
@@ -168,7 +176,7 @@ class VNet(nn.Module):
         _medzoo.check_input(
             type(self).__name__, x, ndim=3, channels=self.in_channels, multiple=factor
         )
-        kw = dict(elu=self.elu, dtype=self.dtype)
+        kw = dict(elu=self.elu, dtype=self.dtype, axis_name=self.axis_name)
         out = _InputTransition(name="in_tr", **kw)(x, train)
         skips = [out]
         for name, n, drop in down:
