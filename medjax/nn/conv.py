@@ -24,6 +24,14 @@ is known to be faster on CPU, and otherwise calls ``lax.conv_general_dilated`` u
   convolution 25-70x slower than these (measured: a 3^3 stride-2 16->32 layer at 32^3, 3.0 s
   against 0.12 s, under load); the weight gradient stays XLA's.
 
+Inside :func:`canonical_gradients` (a context read when a function is traced), every other CPU
+convolution's backward pass is written as channels-last forward-form convolutions (explicit
+transposes around them), and so is the strided lowering's weight gradient. XLA:CPU rewrites a
+gradient convolution into the form its Eigen kernels take only in the entry computation: inside a
+``lax`` loop or conditional body (a WGAN critic's update loop) the gradient convolutions fall to a
+naive loop nest, measured 16-25x slower than the same gradient outside the loop. The rewritten
+gradients are the same numbers (equal to lax's outside loops in the tests).
+
 All are the same arithmetic as the convolution (only the summation order differs, so results
 agree to float rounding) and differentiate with ordinary autodiff. The alternative lowerings are
 used only on the CPU backend; on GPU/TPU the library convolution is always used. They compile more
@@ -35,9 +43,11 @@ of 13 s, and then ran 2.5x faster.
 (``padding="VALID"``, ``transpose_kernel=False``) with the same parameter layout.
 """
 
+import contextlib
 import functools
 import itertools
 import math
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +69,28 @@ strided_gradient = True
 # ... and only for kernels of at most this many offsets (3^3): a 5^3 kernel would unroll into 125
 # matrix products, which compile slowly (VNet at 8^3: 17 s instead of 2 s) and ran no faster.
 max_offsets = 27
+
+_canonical = threading.local()
+
+
+@contextlib.contextmanager
+def canonical_gradients():
+    """Within: CPU convolutions get gradients in the form XLA:CPU runs fast inside loops.
+
+    Read when a function is traced (wrap the tracing, e.g. a ``lax.fori_loop`` body's loss): the
+    backward convolutions of :func:`conv_general_dilated` are then channels-last forward-form
+    convolutions (module docstring). Nests; restores the previous setting on exit.
+    """
+    depth = getattr(_canonical, "depth", 0)
+    _canonical.depth = depth + 1
+    try:
+        yield
+    finally:
+        _canonical.depth = depth
+
+
+def _canonical_active():
+    return getattr(_canonical, "depth", 0) > 0
 
 
 def _specs(ndim):
@@ -208,6 +240,21 @@ def conv_general_dilated(
         feature_group_count=feature_group_count,
         batch_group_count=batch_group_count,
     )
+    n = lhs.ndim - 2
+    canonical = _canonical_active() and preferred_element_type is None
+    if (
+        how == "xla"
+        and canonical
+        and _canonical_eligible(
+            lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count, batch_group_count
+        )
+    ):
+        dtype = jnp.result_type(lhs, rhs)
+        pads = _pads(lhs.shape, rhs.shape, window_strides, padding, rhs_dilation)
+        dil = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
+        return _canonical_conv(
+            lhs.astype(dtype), rhs.astype(dtype), tuple(window_strides), pads, dil, precision
+        )
     if how == "xla" or preferred_element_type is not None:
         return lax.conv_general_dilated(
             lhs,
@@ -227,20 +274,106 @@ def conv_general_dilated(
     if how == "patch":
         return _patch_conv(lhs, rhs, precision)
     if how == "strided":
-        n = lhs.ndim - 2
-        pads = (
-            lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:n], tuple(window_strides), padding)
-            if isinstance(padding, str)
-            else [tuple(p) for p in padding]
-        )
-        return _strided_conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, pads)), precision)
+        pads = _pads(lhs.shape, rhs.shape, window_strides, padding, None)
+        return _strided_conv(lhs, rhs, tuple(window_strides), pads, precision, canonical)
     return _shifted_conv(lhs, rhs, precision)
 
 
-def _lax_conv(x, w, strides, pads, precision):
-    return lax.conv_general_dilated(
-        x, w, strides, pads, dimension_numbers=_specs(x.ndim), precision=precision
+def _pads(lhs_shape, rhs_shape, strides, padding, rhs_dilation):
+    """Explicit ``((lo, hi), ...)`` padding of a channels-last convolution."""
+    n = len(lhs_shape) - 2
+    if not isinstance(padding, str):
+        return tuple(tuple(int(v) for v in p) for p in padding)
+    dil = (1,) * n if rhs_dilation is None else tuple(rhs_dilation)
+    k = tuple((kk - 1) * d + 1 for kk, d in zip(rhs_shape[:n], dil, strict=True))
+    return tuple(map(tuple, lax.padtype_to_pads(lhs_shape[1:-1], k, tuple(strides), padding)))
+
+
+def _canonical_eligible(lhs, rhs, lhs_dilation, dimension_numbers, groups, batch_groups):
+    n = lhs.ndim - 2
+    return (
+        enabled
+        and jax.default_backend() == "cpu"
+        and n >= 1
+        and groups == 1
+        and batch_groups == 1
+        and _all_ones(lhs_dilation, n)
+        and _channels_last(lhs.ndim, dimension_numbers)
     )
+
+
+def _lax_conv(x, w, strides, pads, precision, dilation=None):
+    return lax.conv_general_dilated(
+        x,
+        w,
+        strides,
+        pads,
+        rhs_dilation=dilation,
+        dimension_numbers=_specs(x.ndim),
+        precision=precision,
+    )
+
+
+def _weight_gradient(x, gy, kernel, strides, pads, dilation, precision):
+    """``d conv(x, w) / d w`` contracted with ``gy`` as one channels-last forward convolution.
+
+    ``dw[k, c, o] = sum_{b, q} x_pad[b, q s + k d, c] gy[b, q, o]``: the padded input with its
+    channels as the batch and its batch as the channels, ``gy`` as the kernel (its batch as the
+    input channels), window stride d and kernel dilation s; cropped to the kernel size.
+    """
+    n = x.ndim - 2
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    lhs = jnp.transpose(xp, (n + 1, *range(1, n + 1), 0))  # (C, *S, B)
+    rhs = jnp.transpose(gy, (*range(1, n + 1), 0, n + 1))  # (*Q, B, O)
+    gw = lax.conv_general_dilated(
+        lhs,
+        rhs,
+        dilation,
+        "VALID",
+        rhs_dilation=strides,
+        dimension_numbers=_specs(x.ndim),
+        precision=precision,
+    )
+    gw = gw[(slice(None), *(slice(0, k) for k in kernel), slice(None))]
+    return jnp.transpose(gw, (*range(1, n + 1), 0, n + 1))
+
+
+def _input_gradient(gy, w, x_shape, strides, pads, dilation, precision):
+    """``d conv(x, w) / d x`` contracted with ``gy``: stride 1, a convolution of ``gy`` with the
+    flipped, channel-swapped kernel; strided (no dilation), :func:`_phase_transpose`."""
+    n = gy.ndim - 2
+    k = w.shape[:n]
+    if strides == (1,) * n:
+        flipped = jnp.swapaxes(w[tuple(slice(None, None, -1) for _ in range(n))], -1, -2)
+        pad = [
+            (d * (kk - 1) - lo, d * (kk - 1) - hi)
+            for kk, d, (lo, hi) in zip(k, dilation, pads, strict=True)
+        ]
+        return _lax_conv(gy, flipped, (1,) * n, pad, precision, dilation)
+    if dilation == (1,) * n:
+        return _phase_transpose(gy, w, strides, pads, x_shape[1:-1], precision)
+    zeros = jnp.zeros(x_shape, gy.dtype)
+    _, vjp = jax.vjp(lambda x_: _lax_conv(x_, w, strides, pads, precision, dilation), zeros)
+    return vjp(gy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _canonical_conv(x, w, strides, pads, dilation, precision):
+    return _lax_conv(x, w, strides, pads, precision, dilation)
+
+
+def _canonical_fwd(x, w, strides, pads, dilation, precision):
+    return _lax_conv(x, w, strides, pads, precision, dilation), (x, w)
+
+
+def _canonical_bwd(strides, pads, dilation, precision, res, gy):
+    x, w = res
+    gx = _input_gradient(gy, w, x.shape, strides, pads, dilation, precision)
+    gw = _weight_gradient(x, gy, w.shape[: x.ndim - 2], strides, pads, dilation, precision)
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+_canonical_conv.defvjp(_canonical_fwd, _canonical_bwd)
 
 
 def _phase_transpose(gy, w, strides, pads, in_shape, precision):
@@ -277,18 +410,22 @@ def _phase_transpose(gy, w, strides, pads, in_shape, precision):
     return full[(slice(None), *crop, slice(None))]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _strided_conv(x, w, strides, pads, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _strided_conv(x, w, strides, pads, precision, canonical=False):
     return _lax_conv(x, w, strides, pads, precision)
 
 
-def _strided_fwd(x, w, strides, pads, precision):
+def _strided_fwd(x, w, strides, pads, precision, canonical=False):
     return _lax_conv(x, w, strides, pads, precision), (x, w)
 
 
-def _strided_bwd(strides, pads, precision, res, gy):
+def _strided_bwd(strides, pads, precision, canonical, res, gy):
     x, w = res
     gx = _phase_transpose(gy, w, strides, pads, x.shape[1:-1], precision)
+    if canonical:  # inside canonical_gradients(): the loop-friendly weight gradient
+        n = x.ndim - 2
+        gw = _weight_gradient(x, gy, w.shape[:n], strides, pads, (1,) * n, precision)
+        return gx.astype(x.dtype), gw.astype(w.dtype)
     _, vjp_w = jax.vjp(lambda w_: _lax_conv(x, w_, strides, pads, precision), w)
     return gx.astype(x.dtype), vjp_w(gy)[0]
 

@@ -1,6 +1,8 @@
 """medjax.nn.conv: the CPU lowerings against lax, a NumPy loop, and flax's ConvTranspose."""
 
+import contextlib
 import itertools
+import re
 
 import flax.linen as nn
 import jax
@@ -250,3 +252,62 @@ def test_strided_input_gradient_finite_differences():
     f = lambda x: _ours(x, w, (2, 2, 2), "SAME")
     check_grads(f, (x,), order=1, modes=("rev",), atol=2e-2, rtol=2e-2, eps=1e-2)
 
+
+# (spatial, C_in, C_out, kernel, strides, dilation, padding): 2D and 3D, strided, dilated, odd
+# sizes, explicit padding; channel products above the shifted-product limit (the "xla" lowering)
+# and one strided case (the "strided" lowering's weight gradient).
+CANONICAL_CASES = [
+    ((9, 8), 12, 16, (3, 3), (1, 1), (1, 1), "SAME"),
+    ((9, 8), 12, 16, (3, 3), (1, 1), (2, 2), "SAME"),
+    ((9, 10), 12, 16, (5, 5), (1, 1), (1, 1), ((2, 1), (0, 2))),
+    ((9, 8), 12, 16, (3, 3), (2, 2), (1, 1), "SAME"),
+    ((7, 6, 5), 8, 12, (3, 3, 3), (1, 1, 1), (1, 1, 1), "SAME"),
+    ((8, 8, 6), 4, 8, (3, 3, 3), (2, 2, 2), (1, 1, 1), "SAME"),
+]
+
+
+@pytest.mark.parametrize("case", CANONICAL_CASES)
+def test_canonical_gradients_match_lax(case):
+    """Inside canonical_gradients(): the same convolution and gradients as lax's."""
+    spatial, cin, cout, k, strides, dil, padding = case
+    x, w = _data((2, *spatial), cin, cout, k, seed=11)
+
+    def loss(f):
+        def fn(x, w):
+            y = f(x, w, strides, padding, rhs_dilation=dil, dimension_numbers=conv._specs(x.ndim))
+            return jnp.sum(jnp.sin(y))
+
+        return fn
+
+    ref = jax.grad(loss(lax.conv_general_dilated), argnums=(0, 1))(x, w)
+    with conv.canonical_gradients():
+        ours = jax.grad(loss(conv.conv_general_dilated), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def _loop_dim_labels(context):
+    """Convolution dim_labels of a compiled fori_loop whose body takes a convolution's gradient."""
+    x, w = _data((4, 16, 16), 32, 32, (3, 3), seed=2)  # the "xla" lowering
+
+    def body(i, w):
+        return w - 0.01 * jax.grad(
+            lambda w: jnp.sum(
+                conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv._specs(4))
+                ** 2
+            )
+        )(w)
+
+    with context():
+        lowered = jax.jit(lambda w: lax.fori_loop(0, 2, body, w)).lower(w)
+    text = lowered.compile().as_text()
+    return set(re.findall(r"dim_labels=([a-z0-9_]+->[a-z0-9]+)", text))
+
+
+def test_canonical_gradients_inside_a_loop_use_the_forward_layout():
+    """XLA:CPU rewrites gradient convolutions into its Eigen layout only in the entry computation;
+    inside canonical_gradients() a loop body's gradient convolutions are already in that layout."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the rewrite is CPU-only")
+    assert _loop_dim_labels(conv.canonical_gradients) == {"b01f_01io->b01f"}
+    assert _loop_dim_labels(contextlib.nullcontext) != {"b01f_01io->b01f"}  # what it fixes

@@ -174,6 +174,40 @@ def test_growing_n_critic_without_recompiling():
     assert len(traces) == 1
 
 
+def test_critic_features_run_once_per_step_and_feed_the_critic():
+    """critic_features: the frozen generator's output, computed once before the critic loop, is
+    the critics' batch (the same numbers as computing it in every critic update); the generator
+    update still gets the raw batch."""
+    calls = []
+
+    def features(gen, batch, rng, rest):
+        jax.debug.callback(lambda: calls.append(1))
+        return {"real": batch["real"], "fake": batch["z"] * gen.params["g"]}
+
+    def critic_on_features(c, ms, gen, batch, rng, rest):
+        loss = -(jnp.mean(batch["real"] @ c["c"]) - jnp.mean(batch["fake"] @ c["c"]))
+        return loss, ({}, ms)
+
+    def gen_on_raw(g, ms, critic, batch, rng, rest):
+        assert set(batch) == {"real", "z"}
+        return _gen_loss(g, ms, critic, batch, rng, rest)
+
+    state = {"gen": _gen_state(), "critic": _critic_state()}
+    step = jax.jit(
+        adversarial_step(
+            gen_on_raw, critic_on_features, n_critic=3, clip=CLIP, critic_features=features
+        )
+    )
+    g, c = np.array([0.5, -0.5, 0.2]), np.array([0.02, -0.01, 0.0])
+    for _ in range(2):
+        state, _ = step(state, {"real": REAL, "z": NOISE})
+        g, c = _adv_numpy(g, c, 3)
+    jax.effects_barrier()
+    assert len(calls) == 2  # once per step, not once per critic update
+    np.testing.assert_allclose(np.asarray(state["critic"].params["c"]), c, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(state["gen"].params["g"]), g, rtol=1e-5, atol=1e-7)
+
+
 def test_adversarial_validation():
     with pytest.raises(ValueError, match="n_critic"):
         adversarial_step(_gen_loss, _critic_loss, n_critic=-1)
@@ -285,3 +319,29 @@ class TestSupervisedStepVariants(chex.TestCase):
         w = np.array([0.1, -0.2, 0.3])
         w = w - 0.1 * 2.0 / len(Y) * X.T @ (X @ w - Y)
         chex.assert_trees_all_close(np.asarray(new.params["w"]), w, rtol=1e-5)
+
+
+def test_cotraining_with_one_model_is_self_teaching_against_numpy():
+    """models=("net",): the model learns from its OWN EMA teacher (the self-training baseline)."""
+    lr, decay = 0.1, 0.6
+    w0 = np.array([0.3, -0.1, 0.2])
+    tx = optax.chain(optax.sgd(lr), ema_params(decay))
+    state = {"net": _linear_state(w0, tx, seed=1), "frozen": _linear_state(w0, optax.sgd(lr))}
+    step = jax.jit(cotraining_step(_co_loss, weight=0.5, models=("net",)))
+    w, e, n = w0.copy(), w0.copy(), len(Y)
+    for _ in range(3):
+        g = 2 / n * X.T @ (X @ w - Y) + 0.5 * 2 / n * X.T @ (X @ w - X @ e)
+        w = w - lr * g
+        e = decay * e + (1 - decay) * w
+        state, m = step(state, {"x": X, "y": Y})
+        np.testing.assert_allclose(np.asarray(state["net"].params["w"]), w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(get_ema_params(state["net"].opt_state)["w"]), e, rtol=1e-5, atol=1e-6
+        )
+    assert set(m) >= {"net/loss", "net/consistency", "net/grad_norm", "weight", "loss"}
+    assert float(m["loss"]) == float(m["net/loss"])
+    assert int(state["frozen"].step) == 0  # the other entries reach the loss as rest, unchanged
+    with pytest.raises(ValueError, match="two different entry names"):
+        cotraining_step(_co_loss, models=("a", "a"))
+    with pytest.raises(ValueError, match="entries 'net'"):
+        cotraining_step(_co_loss, models=("net",))({"a": state["net"]}, {"x": X, "y": Y})
