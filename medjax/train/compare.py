@@ -42,12 +42,13 @@ def rows_of(spec, variant) -> dict:
 
 
 def select_rows(rows: dict, only: str | None) -> list[str]:
-    """Row names chosen by ``--only`` (comma list of names or their prefixes before ``_``)."""
+    """Row names chosen by ``--only``: a comma list of row names, or of prefixes before ``_``
+    (``s1`` picks ``s1_a`` and ``s1_b``); a full row name picks that row alone."""
     if not only:
         return list(rows)
     chosen = []
     for item in (s.strip() for s in only.split(",") if s.strip()):
-        match = [k for k in rows if k == item or k.split("_")[0] == item]
+        match = [item] if item in rows else [k for k in rows if k.split("_")[0] == item]
         if not match:
             raise ValueError(f"--only: {item!r} is not a row; the rows are {', '.join(rows)}")
         chosen += [m for m in match if m not in chosen]

@@ -42,3 +42,7 @@ def test_select_rows():
     assert select_rows(rows, "a,d2") == ["a_x", "d2_z"] and select_rows(rows, "") == list(rows)
     with pytest.raises(ValueError, match="'q' is not a row"):
         select_rows(rows, "q")
+    # a full row name picks that row alone, even when it is another row's prefix
+    rows = {"cotraining_no_ema": 1, "cotraining": 2, "s1_a": 3, "s1_b": 4}
+    assert select_rows(rows, "cotraining") == ["cotraining"]
+    assert select_rows(rows, "s1") == ["s1_a", "s1_b"] and select_rows(rows, "s1_b") == ["s1_b"]
