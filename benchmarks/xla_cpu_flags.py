@@ -222,10 +222,7 @@ def main():
         load.append(os.getloadavg()[0])
     default_hashes = {n: best["default"]["cases"][n]["hlo"]["text_hash"] for n, *_ in CASES}
     applied = {
-        o: {
-            n: best[o]["cases"][n]["hlo"]["text_hash"] != default_hashes[n]
-            for n, *_ in CASES
-        }
+        o: {n: best[o]["cases"][n]["hlo"]["text_hash"] != default_hashes[n] for n, *_ in CASES}
         for o in OPTIONS
     }
     import jax

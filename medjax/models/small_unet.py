@@ -10,6 +10,8 @@ supervised baseline is ``SmallUNet(16)`` on 2D slices.
 ``functools.partial(medjax.nn.norm.BatchNorm, axis_name="batch")`` for synchronised BatchNorm
 under ``pmap`` (see :func:`medjax.nn.norm.make_norm`). BatchNorm keeps running statistics in the
 ``batch_stats`` collection: apply with ``train=True, mutable=["batch_stats"]`` to train.
+``axis_name`` (with ``norm="batch"``) synchronises its statistics over a ``pmap`` axis, as every
+batch-normed network of the registry does.
 """
 
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medjax.nn.norm import make_norm
+from medjax.nn.norm import BatchNorm, make_norm
 from medjax.ops import resize
 
 __all__ = ["SmallUNet"]
@@ -30,6 +32,7 @@ class SmallUNet(nn.Module):
     out_channels: int = 1
     levels: int = 3
     norm: Any = None
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -41,6 +44,8 @@ class SmallUNet(nn.Module):
                 f"got {tuple(x.shape[1:-1])}"
             )
         norm = None if self.norm is None else make_norm(self.norm)
+        if self.axis_name is not None and norm is BatchNorm:
+            norm = make_norm(norm, axis_name=self.axis_name)
 
         def block(h, f):
             for _ in range(2):

@@ -92,7 +92,9 @@ def _run_row(spec, name, label, config, workdir, log):
     if twin is not None:  # the same config as a finished row: its results, not a second training
         log(f"same config as row {twin.get('row')!r}: reusing its results")
         record = {**twin, "row": name, "label": label, "same_as": twin.get("row")}
-        write_text_atomic(workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n")
+        write_text_atomic(
+            workdir / "results.json", json.dumps(record, indent=2, default=str) + "\n"
+        )
         return record
     experiment = spec.build(config)
     timing_path = workdir / "timing.json"
