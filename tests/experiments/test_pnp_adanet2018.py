@@ -1,0 +1,177 @@
+"""experiments/pnp_adanet2018: the four-stage pipeline end to end, the MM-WHS folder, bad inputs.
+
+One tiny run through the ``medjax`` command (source, warm-up, adaptation and supervised stages;
+eval; predict on a scan of another size); an MM-WHS folder written here, read in the real layout
+(labels mapped to AA/LA/LV/Myo, the heart ROI cut from the label, target training volumes read
+without their label); and the one-line errors a user can cause.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import medjax.nn.conv
+from medjax.cli import main
+from medjax.data import datasets
+from medjax.train.config import load_config
+from medjax.train.experiment import load_experiment
+
+STAGES = {"source": 3, "warmup": 1, "adapt": 2, "supervised": 2}
+TINY = [
+    f"--config.num_steps={sum(STAGES.values())}",
+    *(f"--config.stages.{k}.num_steps={v}" for k, v in STAGES.items()),
+    "--config.log_every=1",
+    "--config.checkpoint_every=4",
+    "--config.synthetic.shape=(6,32,32)",
+    "--config.synthetic.num_source_train=2",
+    "--config.synthetic.num_target_train=2",
+    "--config.synthetic.num_test=2",
+    "--config.model.features=2",
+    "--config.critic.features=4",
+    "--config.batch_size=2",
+    "--config.adapt.batch_size=2",
+    "--config.adapt.n_critic=2",
+    "--config.adapt.warmup_n_critic=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def xla_conv(monkeypatch):
+    """XLA's convolution (the CPU lowerings compile more slowly; same arithmetic)."""
+    monkeypatch.setattr(medjax.nn.conv, "enabled", False)
+
+
+def test_train_eval_predict(tmp_path):
+    work = tmp_path / "run"
+    assert main(["train", "pnp_adanet2018", "--workdir", str(work), *TINY]) == 0
+    stages = [json.loads(line).get("stage") for line in (work / "metrics.jsonl").open()]
+    assert [s for s in dict.fromkeys(stages) if s] == list(STAGES)
+    assert main(["eval", "pnp_adanet2018", "--workdir", str(work)]) == 0
+    res = json.loads((work / "results.json").read_text())
+    assert res["settings"] == ["no_adaptation", "adapted", "supervised"]
+    assert res["num_target_cases"] == 2 and res["num_source_cases"] == 2
+    for setting in res["settings"]:
+        per = [np.mean([res[f"target_dice_{setting}_{c}"] for c in ("AA", "LA", "LV", "Myo")])]
+        assert np.isclose(res[f"target_dice_{setting}"], per[0])
+        assert 0.0 <= res[f"target_dice_{setting}"] <= 1.0
+    gain = res["target_dice_adapted"] - res["target_dice_no_adaptation"]
+    assert np.isclose(res["target_gain_adapted"]["mean"], gain, atol=1e-6)
+    assert "| target | PnP-AdaNet |" in (work / "results.md").read_text()
+    assert {"target_dice.png", "wasserstein.png"} <= set(res["figures"])
+
+    # predict: a CT scan of another size keeps its affine; labels in 0..4
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    affine[:3, 3] = [10.0, -4.0, 3.0]
+    scan = np.random.default_rng(0).normal(size=(40, 5, 36)).astype(np.float32)
+    nib.save(nib.Nifti1Image(scan, affine), str(tmp_path / "ct.nii.gz"))
+    out = tmp_path / "pred"
+    assert (
+        main(["predict", "--workdir", str(work), str(tmp_path / "ct.nii.gz"), "--out", str(out)])
+        == 0
+    )
+    seg = nib.load(str(out / "ct_seg.nii.gz"))
+    assert seg.shape == scan.shape and np.allclose(seg.affine, affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(5))
+    assert json.loads((out / "predict.json").read_text())["setting"] == "adapted"
+
+
+def _write_case(root, name, shape, with_label=True, seed=0):
+    """An MM-WHS-like case: an ellipsoid 'heart' of the raw label values 205/420/500/820."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    r = np.sqrt(z**2 + y**2 + x**2)
+    label = np.zeros(shape, np.int16)
+    label[r < 0.6] = 205
+    label[r < 0.45] = 500
+    label[(r < 0.45) & (x > 0.2)] = 420
+    label[(r < 0.3) & (y > 0.1)] = 820
+    label[(r > 0.7) & (r < 0.75)] = 600  # RV: not a PnP-AdaNet structure (background)
+    image = (label > 0) * 300.0 + rng.normal(0, 20, shape)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(root / f"{name}_image.nii.gz"))
+    if with_label:
+        nib.save(nib.Nifti1Image(label, affine), str(root / f"{name}_label.nii.gz"))
+    return label
+
+
+def _mmwhs_config(root, *extra):
+    return load_config(
+        "pnp_adanet2018",
+        "quick",
+        ["data=mmwhs", f"data_dir={root}", "mmwhs.roi=(16,16)", "mmwhs.test_fraction=0.5", *extra],
+    )
+
+
+def test_mmwhs_folder_in_its_layout(tmp_path):
+    root = tmp_path / "mmwhs"
+    (root / "mr").mkdir(parents=True)
+    (root / "ct").mkdir()
+    raw = {}
+    for i in (1, 2):
+        raw[f"mr_train_100{i}"] = _write_case(root / "mr", f"mr_train_100{i}", (24, 20, 22), seed=i)
+        raw[f"ct_train_100{i}"] = _write_case(
+            root / "ct", f"ct_train_100{i}", (26, 24, 20), seed=9 + i
+        )
+    task = load_experiment("pnp_adanet2018").task_module
+    vols = task.make_volumes(_mmwhs_config(root))
+    assert len(vols.source_train) == len(vols.source_test) == 1
+    assert len(vols.target_train) == len(vols.target_test) == 1
+    image, label = vols.volume(vols.source_test[0], True)
+    # the ROI is cut around the label: every structure voxel of the raw label survives the crop
+    raw_label = raw[vols.source_test[0]["id"]]
+    mapped = np.vectorize(datasets.PNP_ADANET_LABEL_MAP.get)(raw_label)
+    assert image.shape[1:] == (16, 16) and label.shape == image.shape
+    for c in range(1, 5):
+        assert (label == c).sum() == (mapped == c).sum()
+    assert abs(float(image.mean())) < 1.0  # normalised
+    # a target training volume is read without its label (the file may even be absent)
+    (root / "ct" / f"{vols.target_train[0]['id']}_label.nii.gz").unlink()
+    vols = task.make_volumes(_mmwhs_config(root))
+    image, label = vols.volume(vols.target_train[0], False)
+    assert label is None and image.shape[1:] == (16, 16)
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (
+        main(
+            [
+                "train",
+                "pnp_adanet2018",
+                "--workdir",
+                str(tmp_path / "w"),
+                *TINY,
+                "--config.data=mmwhs",
+                f"--config.data_dir={empty}",
+            ]
+        )
+        == 2
+    )
+    assert "no MM-WHS images" in capsys.readouterr().err
+    root = tmp_path / "mr_only"
+    root.mkdir()
+    for i in (1, 2):
+        _write_case(root, f"mr_train_100{i}", (12, 20, 20), seed=i)
+    with pytest.raises(ValueError, match="target .CT. folder is empty"):
+        load_experiment("pnp_adanet2018").task_module.make_volumes(_mmwhs_config(root))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        load_experiment("pnp_adanet2018").task_module.check_shape(
+            (4, 30, 32), "config.synthetic.shape"
+        )
+    assert (
+        main(
+            [
+                "train",
+                "pnp_adanet2018",
+                "--workdir",
+                str(tmp_path / "w2"),
+                *TINY,
+                "--config.num_steps=3",
+            ]
+        )
+        == 2
+    )
+    assert "num_steps" in capsys.readouterr().err
