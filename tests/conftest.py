@@ -21,6 +21,30 @@ if os.environ.get("MEDJAX_TEST_FAST_COMPILE", "1") == "1":
     if _FAST not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST).strip()
 
+#: Fake CPU devices run a collective (a pmap's psum, a mesh's all-reduce) as one thread per device,
+#: and XLA aborts the process when the threads have not all arrived within 40 s. On a loaded
+#: 2-core machine 8 device threads can take longer than that to be scheduled, so the workers
+#: wait up to 15 minutes instead (a hang still ends with the tests' own subprocess timeouts).
+COLLECTIVE_TIMEOUTS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+    "--xla_cpu_collective_timeout_seconds=900"
+)
+
+
+def fake_devices_env(n, env=None):
+    """``env`` (default ``os.environ``) for a subprocess with ``n`` fake CPU devices.
+
+    Keeps the suite's XLA flags (fast compilation) and adds the device count and
+    :data:`COLLECTIVE_TIMEOUTS`.
+    """
+    env = dict(os.environ if env is None else env)
+    flags = env.get("XLA_FLAGS", "")
+    extra = f"--xla_force_host_platform_device_count={int(n)} {COLLECTIVE_TIMEOUTS}"
+    env["XLA_FLAGS"] = f"{flags} {extra}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
 
 def require_reference(module_name):
     """Import a reference library (torch, monai) or skip; fail instead when CI demands it.

@@ -19,7 +19,7 @@ from medjax.cli import main
 from medjax.data import synthetic_abdomen as abdomen
 from medjax.train import load_config, load_experiment
 from medjax.train.ema import EmaParamsState, get_ema_params
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices_env
 
 NAME = "cotraining2020"
 # 2 datasets (a two-organ one), 8 x 24 x 24 phantoms, a 1-level U-Net of width 2, 2 + 2 steps
@@ -479,10 +479,7 @@ def _trees_close(a, b, what, rtol=2e-4, atol=2e-6):
 
 
 def test_every_stage_step_on_8_devices_1_device_and_pmap():
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")  # keep the suite's fast-compilation flags
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = fake_devices_env(8)  # keeps the suite's fast-compilation flags
     proc = subprocess.run(
         [sys.executable, "-m", "tests.experiments._cotraining2020_worker"],
         cwd=REPO,

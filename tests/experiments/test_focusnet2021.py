@@ -4,7 +4,6 @@ devices / 1 device / pmap, the bad inputs of the issue as one-line errors, and t
 tiny fake NRRD folders."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from medjax.cli import main
 from medjax.data.datasets import PDDCA_STRUCTURES
 from medjax.data.io import load_image, save_image
 from medjax.data.synthetic_headneck import headneck_phantom
+from tests.conftest import fake_devices_env
 
 # 16 x 32 x 32 phantoms at 8 x 5 x 5 mm, widths 4 (2 for the autoencoder), 2 steps per stage,
 # batches of 8 (the 8-device check runs this config too).
@@ -87,9 +87,7 @@ def fast_compile(tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """The 8-device check runs in a subprocess from the start, beside the other tests."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
+    env = fake_devices_env(8)
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     out = tmp_path_factory.mktemp("worker") / "out.json"
     overrides = [a[len("--config.") :] for a in TINY]

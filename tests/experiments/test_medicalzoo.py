@@ -7,7 +7,6 @@ on 1 and under pmap (a subprocess, ``_medicalzoo_parallel_worker``).
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ import medjax.nn.conv
 from medjax.cli import main
 from medjax.train.config import load_config
 from medjax.train.experiment import load_experiment
-from tests.conftest import REPO, require_reference
+from tests.conftest import REPO, fake_devices_env, require_reference
 
 TINY = [
     "--config.num_steps=2",
@@ -209,9 +208,7 @@ def test_pretrained_checkpoint_imports_and_a_mismatch_names_the_key(tmp_path):
 
 
 def test_step_on_8_devices_equals_1_device_and_pmap():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+    env = fake_devices_env(8)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.experiments._medicalzoo_parallel_worker"],
         cwd=REPO,

@@ -10,7 +10,10 @@ from medjax.ops import crop_at, paste_at
 
 
 def _numpy_start(c, size, spatial):
-    return [min(max(int(np.round(ci)) - s // 2, 0), n - s) for ci, s, n in zip(c, size, spatial, strict=True)]
+    return [
+        min(max(int(np.round(ci)) - s // 2, 0), n - s)
+        for ci, s, n in zip(c, size, spatial, strict=True)
+    ]
 
 
 def _numpy_crop(volume, centres, size):
@@ -25,7 +28,9 @@ def _numpy_paste(volume, patch, centres):
     out = volume.copy()
     for b, c in enumerate(centres):
         st = _numpy_start(c, patch.shape[1:-1], volume.shape[1:-1])
-        out[(b,) + tuple(slice(a, a + s) for a, s in zip(st, patch.shape[1:-1], strict=True))] = patch[b]
+        out[(b,) + tuple(slice(a, a + s) for a, s in zip(st, patch.shape[1:-1], strict=True))] = (
+            patch[b]
+        )
     return out
 
 

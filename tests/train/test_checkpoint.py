@@ -15,6 +15,7 @@ import pytest
 
 from medjax.train.checkpoint import CheckpointManager, abstract_state, restore_state
 from medjax.train.state import TrainState
+from tests.conftest import fake_devices_env
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOY = pathlib.Path(__file__).parent / "toy_experiments"
@@ -188,7 +189,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
 _OTHER_DEVICE_COUNT = textwrap.dedent(
     """
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     import jax, numpy as np
     from medjax.train import fit, load_config, load_experiment, make_mesh, replicated
     from medjax.train.checkpoint import abstract_state, restore_state
@@ -222,7 +223,7 @@ def test_restore_onto_a_different_device_count(tmp_path):
     exp = load_experiment("toy", directory=TOY).build(cfg)
     one, _ = fit(exp, cfg, tmp_path / "one", interactive=False)
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = fake_devices_env(8)
     res = subprocess.run(
         [sys.executable, "-c", _OTHER_DEVICE_COUNT, str(TOY), str(tmp_path)],
         cwd=REPO,

@@ -20,11 +20,16 @@ def test_compare_rows_results_table_and_reuse(tmp_path):
     for row in res:
         saved = json.loads((tmp_path / "quick" / row / "results.json").read_text())
         assert saved["row"] == row and saved["config"]["num_steps"] == 4
-    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(json.dumps(res, default=str))
+    assert json.loads((tmp_path / "compare.json").read_text()) == json.loads(
+        json.dumps(res, default=str)
+    )
     md = (tmp_path / "compare.md").read_text()
     assert "| (a) Adam 0.05 |" in md and "| (b) Adam 0.2 |" in md
     # (c) has (a)'s config: its results, not a second training
-    assert res["c_same"]["same_as"] == "a_slow" and not (tmp_path / "quick" / "c_same" / "checkpoints").exists()
+    assert (
+        res["c_same"]["same_as"] == "a_slow"
+        and not (tmp_path / "quick" / "c_same" / "checkpoints").exists()
+    )
     assert res["c_same"]["val_loss"] == res["a_slow"]["val_loss"]
     assert res["a_slow"]["val_loss"] != res["b_fast"]["val_loss"]
     # a rerun reuses every finished row
@@ -34,7 +39,9 @@ def test_compare_rows_results_table_and_reuse(tmp_path):
     # another base variant works in its own folder: nothing stale is reused
     lines.clear()
     compare(spec, "long", tmp_path, only="a", overrides=["num_steps=3"], log=lines.append)
-    assert (tmp_path / "long" / "a_slow" / "results.json").is_file() and any("evaluating" in s for s in lines)
+    assert (tmp_path / "long" / "a_slow" / "results.json").is_file() and any(
+        "evaluating" in s for s in lines
+    )
 
 
 def test_select_rows():

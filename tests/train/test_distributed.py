@@ -1,7 +1,6 @@
 """A 2-process jax.distributed run on localhost CPU (gloo) matches a single process."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import numpy as np
 
 from medjax.train.mesh import make_mesh, replicate, shard_batch
 from medjax.train.steps import compile_step
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices_env
 from tests.train import _tiny_model as T
 
 
@@ -34,9 +33,7 @@ def _single_process():
 
 def test_two_processes_match_single_process(tmp_path):
     port = _free_port()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = fake_devices_env(2)
     for k in ("MEDJAX_COORDINATOR", "MEDJAX_NUM_PROCESSES", "MEDJAX_PROCESS_ID"):
         env.pop(k, None)
     outs = [tmp_path / f"p{i}.json" for i in range(2)]

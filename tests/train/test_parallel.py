@@ -1,14 +1,13 @@
 """8 fake CPU devices: jit over a mesh and pmap give the same BatchNorm training as 1 device."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, fake_devices_env
 
 
 def _assert_trees_close(a, b, rtol, atol, what):
@@ -20,9 +19,7 @@ def _assert_trees_close(a, b, rtol, atol, what):
 
 
 def _run_on_8_devices(module):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    env = fake_devices_env(8)
     proc = subprocess.run(
         [sys.executable, "-m", module],
         cwd=REPO,
