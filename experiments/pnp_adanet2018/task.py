@@ -961,38 +961,34 @@ class Experiment(medjax.train.Experiment):
             "",
         ]
         head = ["domain", "setting", *STRUCTURES, "mean Dice", "mean ASSD (mm)"]
-        rows = []
+        rows, assd_rows = [], []
         for domain in ("target", "source"):
             for setting in SETTINGS:
                 if results.get(f"{domain}_dice_{setting}") is None:
                     continue
                 cells = [domain, SETTING_LABELS[setting]]
+                assd = [domain, SETTING_LABELS[setting]]
                 for s in STRUCTURES:
                     key = f"{domain}_dice_{setting}_{s}"
                     cells.append(mean_std(results.get(key), results.get(f"{key}_std")))
+                    key = f"{domain}_assd_{setting}_{s}"
+                    missing = results.get(f"{key}_missing", 0)
+                    assd.append(
+                        mean_std(results.get(key), results.get(f"{key}_std"), 2)
+                        + (f" ({missing} missed)" if missing else "")
+                    )
                 key = f"{domain}_dice_{setting}"
                 cells.append(mean_std(results.get(key), results.get(f"{key}_std")))
                 key = f"{domain}_assd_{setting}"
                 cells.append(mean_std(results.get(key), results.get(f"{key}_std"), 2))
                 rows.append(cells)
+                assd_rows.append(assd)
         lines.append(markdown_table(head, rows))
-        rows = []
-        for domain in ("target", "source"):
-            for setting in SETTINGS:
-                if results.get(f"{domain}_dice_{setting}") is None:
-                    continue
-                cells = [domain, SETTING_LABELS[setting]]
-                for s in STRUCTURES:
-                    key = f"{domain}_assd_{setting}_{s}"
-                    cell = mean_std(results.get(key), results.get(f"{key}_std"), 2)
-                    missing = results.get(f"{key}_missing", 0)
-                    cells.append(cell + (f" ({missing} missed)" if missing else ""))
-                rows.append(cells)
         lines += [
             "",
             "ASSD (mm) per structure; 'missed': volumes where it was not predicted at all",
         ]
-        lines.append(markdown_table(["domain", "setting", *STRUCTURES], rows))
+        lines.append(markdown_table(["domain", "setting", *STRUCTURES], assd_rows))
         for domain in ("target", "source"):
             for b in ("adapted", "supervised"):
                 g = results.get(f"{domain}_gain_{b}")
