@@ -1,7 +1,7 @@
 """FocusNetV2 (Gao et al., MedIA 2021): small-organ-aware head & neck organ segmentation, configs.
 
 Run (quick: synthetic head & neck CT phantoms at 40 x 64 x 64, 3.2 x 2.5 x 2.5 mm, the three stages
-in one run; not yet run to the end, see README.md):
+in one run; measured once, SOL does not localise yet, see README.md):
 
     medjax train focusnet2021 --variant quick --workdir runs/focusnet_quick
     medjax eval focusnet2021 --workdir runs/focusnet_quick

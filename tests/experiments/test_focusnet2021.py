@@ -19,8 +19,9 @@ from medjax.data.io import load_image, save_image
 from medjax.data.synthetic_headneck import headneck_phantom
 from tests.conftest import fake_devices_env
 
-# 16 x 32 x 32 phantoms at 8 x 5 x 5 mm, widths 4 (2 for the autoencoder), 2 steps per stage,
-# batches of 8 (the 8-device check runs this config too).
+# 16 x 32 x 32 phantoms at 8 x 5 x 5 mm, 8 x 16 x 16 training crops, 8^3 SOS crops, widths 4 (2 for
+# the autoencoder), 2 steps per stage, batches of 8 (the 8-device check runs this config too), a
+# checkpoint after every step (the resume test cuts the run at any of them).
 SHAPE, SPACING = (16, 32, 32), (8.0, 5.0, 5.0)
 TINY = [
     f"--config.synthetic.shape={SHAPE}",
@@ -28,8 +29,8 @@ TINY = [
     "--config.batch_size=8",
     "--config.synthetic.num_train=8",
     "--config.synthetic.num_test=2",
-    "--config.train_crop=(8,32,32)",
-    "--config.crop_size=(8,16,16)",
+    "--config.train_crop=(8,16,16)",
+    "--config.crop_size=(8,8,8)",
     "--config.eval.window=8",
     "--config.eval.stride=4",
     "--config.model.features=(4,4,4)",
@@ -46,7 +47,7 @@ TINY = [
     "--config.stages.sos.num_steps=2",
     "--config.num_steps=6",
     "--config.log_every=1",
-    "--config.checkpoint_every=6",
+    "--config.checkpoint_every=1",
 ]
 PDDCA = [
     "--config.data=pddca",
@@ -246,29 +247,28 @@ def test_train_eval_predict_through_the_cli(trained, tmp_path, capsys):
 
 
 def test_resume_inside_the_adversarial_stage(trained, tmp_path, capsys):
-    """Cut after the first adversarial step, then resumed: the same state and metrics as the run
-    that went through. The cut run starts from the full run's step-4 checkpoint (the end of the
-    autoencoder stage, itself a resume) rather than training stages 1-2 again."""
+    """A run killed after step 5 (inside the adversarial stage, steps 5-6) or after step 4 (the
+    stage boundary) and resumed with the same command: the same state and metrics as the run that
+    went through. The killed runs are copies of the full run with the later checkpoints deleted."""
     import shutil
 
     from medjax.train.transfer import load_workdir_state
 
-    cut = tmp_path / "cut"
-    shutil.copytree(trained, cut)
-    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["2", "4", "6"]
-    shutil.rmtree(cut / "checkpoints" / "6")
-    base = ["train", "focusnet2021", "--workdir", str(cut)]
-    code, _, err = _run(base + ["--config.stages.sos.num_steps=1", "--config.num_steps=5"], capsys)
-    assert code == 0 and f"resuming {cut.resolve()} from step 4" in err
-    assert (cut / "checkpoints" / "5").is_dir()
-    code, _, err = _run(base + ["--config.stages.sos.num_steps=2", "--config.num_steps=6"], capsys)
-    # the engine's progress lines (``resuming ... from step 5``) go to stderr
-    assert code == 0 and f"resuming {cut.resolve()} from step 5" in err
-    full, resumed = load_workdir_state(trained), load_workdir_state(cut)
-    assert jax.tree.structure(full) == jax.tree.structure(resumed)
-    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert (cut / "metrics.jsonl").read_text() == (trained / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["4", "5", "6"]
+    full = load_workdir_state(trained)
+    for last in (5, 4):
+        cut = tmp_path / f"cut{last}"
+        shutil.copytree(trained, cut)
+        for step in range(last + 1, 7):
+            shutil.rmtree(cut / "checkpoints" / str(step))
+        code, _, err = _run(["train", "focusnet2021", "--workdir", str(cut)], capsys)
+        # the engine's progress lines (``resuming ... from step 5``) go to stderr
+        assert code == 0 and f"resuming {cut.resolve()} from step {last}" in err, err[-2000:]
+        resumed = load_workdir_state(cut)
+        assert jax.tree.structure(full) == jax.tree.structure(resumed)
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert (cut / "metrics.jsonl").read_text() == (trained / "metrics.jsonl").read_text()
 
 
 def test_every_stage_agrees_on_8_devices_1_device_and_pmap(worker, trained):
@@ -345,7 +345,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     )
     assert code == 2 and err.count("\n") == 1
     assert (
-        "case 0522c0001: its volume (4, 32, 32) (D, H, W) is smaller than the crop (8, 32, 32)"
+        "case 0522c0001: its volume (4, 32, 32) (D, H, W) is smaller than the crop (8, 16, 16)"
         in err
     )
     # a stage that this configuration cannot train
@@ -358,7 +358,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 
 def test_pddca_folder_train_eval_predict(tmp_path, capsys):
     """Fake PDDCA NRRD folders: the original's test id goes to the test split, the rest trains;
-    predict writes NRRD for an NRRD input."""
+    predict writes NRRD for an NRRD input. S-Net alone (the reading of the folder is the same for
+    every stage; the three stages are tested on phantoms above)."""
     root = _pddca_folder(tmp_path / "pddca", {"0522c0001": 11, "0522c0002": 12, "0522c0555": 13})
     work = tmp_path / "w"
     args = ["train", "focusnet2021", "--variant", "quick", "--workdir", str(work), *TINY, *PDDCA]
@@ -366,6 +367,10 @@ def test_pddca_folder_train_eval_predict(tmp_path, capsys):
         f"--config.data_dir={root}",
         "--config.eval.surface=False",
         "--config.eval.figures=False",
+        "--config.model.kind=snet",
+        "--config.stages.ae.num_steps=0",
+        "--config.stages.sos.num_steps=0",
+        "--config.num_steps=2",
     ]
     assert _run(args, capsys)[0] == 0
     code, _, _ = _run(["eval", "focusnet2021", "--workdir", str(work)], capsys)
