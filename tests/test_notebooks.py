@@ -1,4 +1,9 @@
-"""Execute every notebook in notebooks/ top to bottom; any cell error fails the test."""
+"""Execute every notebook in notebooks/ top to bottom; any cell error fails the test.
+
+The notebooks run with ``MEDJAX_NOTEBOOK_SMOKE=1``: those that train take a few steps instead of
+tens (every cell still runs; the committed copies, executed by ``notebooks/execute.py``, hold the
+full runs' outputs).
+"""
 
 import os
 import pathlib
@@ -22,6 +27,7 @@ def test_notebook_executes(path, tmp_path):
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend, as in the committed copies
     # the notebooks write their runs here, not into the repository
     os.environ["MEDJAX_NOTEBOOK_WORKDIR"] = str(tmp_path)
+    os.environ["MEDJAX_NOTEBOOK_SMOKE"] = "1"
     try:
         client = nbclient.NotebookClient(
             nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
