@@ -47,6 +47,7 @@ import contextlib
 import functools
 import itertools
 import math
+import os
 import threading
 
 import jax
@@ -54,7 +55,10 @@ import jax.numpy as jnp
 from jax import lax
 
 # Master switch, read when a function is traced: False always uses the library convolution.
-enabled = True
+# Its default comes from the environment: MEDJAX_CPU_CONV=0 (set before medjax is imported) starts
+# with XLA's convolution everywhere, which compiles several times faster and runs slower on CPU (a
+# notebook's first step, a test suite); the test suite sets it (tests/conftest.py).
+enabled = os.environ.get("MEDJAX_CPU_CONV", "1") != "0"
 # Stride-1 SAME convolutions with C_in * C_out at most this use the shifted-product lowering on
 # CPU (measured crossover; see benchmarks/conv.py). 0 disables it.
 small_channel_limit = 64

@@ -14,6 +14,13 @@ from jax import lax
 from medjax.nn import conv
 
 
+@pytest.fixture(autouse=True)
+def lowerings_on(monkeypatch):
+    """The suite runs with XLA's convolution (MEDJAX_CPU_CONV=0, tests/conftest.py); these tests are
+    about the lowerings, so they switch them on (a test that wants XLA's switches back)."""
+    monkeypatch.setattr(conv, "enabled", True)
+
+
 def _lax(x, w, strides, padding):
     return lax.conv_general_dilated(
         x, w, strides, padding, dimension_numbers=conv._specs(x.ndim), precision="highest"
@@ -178,6 +185,43 @@ def test_flax_conv_hook_matches_default():
     np.testing.assert_allclose(
         np.asarray(fast.apply(params, x)), np.asarray(plain.apply(params, x)), rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_network_with_the_lowerings_equals_it_with_xla(monkeypatch):
+    """A small encoder-decoder of medjax layers (stride-1 3^3, stride-2 3^3, 2^3 patch and 1^3
+    convolutions, a 2^3 transposed patch convolution) gives XLA's outputs and parameter gradients
+    with every lowering in use."""
+    from medjax.nn import layers
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = nn.relu(layers.Conv(4, 3)(x))  # shifted
+            b = nn.relu(layers.Conv(6, 3, strides=2)(a))  # strided
+            c = nn.relu(layers.Conv(6, 2, strides=2, padding=0)(b))  # patch
+            u = layers.ConvTranspose(4, 2, strides=2, padding=0)(c)  # transposed patch
+            up = jnp.repeat(u, 2, axis=1).repeat(2, axis=2).repeat(2, axis=3)
+            return layers.Conv(3, 1)(jnp.concatenate([a, up], -1))  # 1^3: a matrix product
+
+    x, _ = _data((2, 8, 8, 8), 2, 1, (1, 1, 1))
+    model = Net()
+    params = model.init(jax.random.key(0), x)
+
+    def loss(p):
+        return jnp.mean(jnp.sin(model.apply(p, x)))
+
+    def run():
+        return jax.jit(lambda p: (model.apply(p, x), jax.grad(loss)(p)))(params)
+
+    kinds = []
+    real = conv.choose
+    monkeypatch.setattr(conv, "choose", lambda *a, **k: kinds.append(real(*a, **k)) or kinds[-1])
+    fast = run()
+    assert {"shifted", "strided", "patch"} <= set(kinds), kinds
+    monkeypatch.setattr(conv, "enabled", False)
+    ref = run()
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,7 @@ def test_grouped_conv_transpose_cpu_kernel_equals_the_grouped_convolution(monkey
     """On CPU a grouped transposed conv runs as an ungrouped one with a block-diagonal kernel."""
     from medjax.nn import conv as mconv
 
+    monkeypatch.setattr(mconv, "enabled", True)  # the suite runs with XLA's convolution
     x = _x((1, 2, 2, 2, 12), 2)
     m = layers.ConvTranspose(4, 6, strides=4, padding=1, groups=4, use_bias=False)
     v = m.init(jax.random.key(0), x)
@@ -166,6 +167,7 @@ def test_conv_routes_through_the_cpu_lowering_for_torch_style_same_padding(monke
     """padding=1 on a stride-1 3^3 conv is 'SAME', so medjax.nn.conv may lower it."""
     from medjax.nn import conv
 
+    monkeypatch.setattr(conv, "enabled", True)  # the suite runs with XLA's convolution
     seen = []
     real = conv.choose
     monkeypatch.setattr(conv, "choose", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
