@@ -24,7 +24,6 @@ training size (air outside). Label maps go back through its inverse.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import time
@@ -1417,17 +1416,19 @@ class Experiment(medjax.train.Experiment):
             return res["focusnet" if self.kind == "focusnet" else "snet"][None]
 
         written = predict_files(
-            inputs, out_dir, predict=predict, preprocess=preprocess, num_classes=NUM_CLASSES
+            inputs,
+            out_dir,
+            predict=predict,
+            preprocess=preprocess,
+            num_classes=NUM_CLASSES,
+            metadata=lambda: {"small_organs": dict(zip(map(str, inputs), info, strict=True))},
         )
         thr = float(self.config.eval.heatmap_threshold)
-        record = {}
-        for path, src, entry in zip(written, inputs, info, strict=True):
-            record[str(src)] = {"output": str(path), "small_organs": entry}
+        for src, entry in zip(inputs, info, strict=True):
             for organ, e in entry.items():
                 if not e["refined"]:
                     print(
                         f"{pathlib.Path(src).name}: {organ}: heatmap peak {e['heatmap_peak']:.2f} "
                         f"<= {thr:g}, no refinement (S-Net's label kept)"
                     )
-        (out_dir / "predict.json").write_text(json.dumps(record, indent=2) + "\n")
         return written

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 import time
@@ -860,17 +859,11 @@ class Experiment(medjax.train.Experiment):
                 )
             return Prepared(preprocess(arr, self.config), lambda a, order=0: a)
 
-        written = predict_files(
+        return predict_files(
             [pathlib.Path(p) for p in inputs],
             out_dir,
             predict=predict,
             preprocess=prepare,
             num_classes=self.num_classes,
+            metadata={"model": self.name, "classes": list(self.class_names)},
         )
-        meta = {
-            "model": self.name,
-            "classes": list(self.class_names),
-            "inputs": list(map(str, inputs)),
-        }
-        pathlib.Path(out_dir, "predict.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return written

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -222,6 +223,7 @@ def predict_files(
     num_classes: int,
     probabilities: bool = False,
     suffix: str = "_seg",
+    metadata: dict | Callable[[], dict] | None = None,
 ) -> list[pathlib.Path]:
     """Segment image files and write ``<name><suffix>.nii.gz`` (and ``<name>_probs.nii.gz``).
 
@@ -229,14 +231,19 @@ def predict_files(
     ``predict(x (1, *S', C)) -> (1, *S', K)`` logits. The label map (argmax) and, with
     ``probabilities``, the softmax are restored onto each input's grid and written with its
     affine and header (``save_image(like=...)``). Returns the written paths.
+
+    With ``metadata`` (a dict, or a callable giving one once every file is done, for what the
+    predictions themselves say), ``out_dir/predict.json`` holds it beside ``"outputs"``: each
+    input's path -> the paths written for it.
     """
     from medjax.data.io import load_image, save_image
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, outputs = [], {}
     for path in paths:
         path = pathlib.Path(path)
+        first = len(written)
         image = load_image(path)
         prepared = preprocess(image)
         logits = np.asarray(jax.device_get(predict(np.asarray(prepared.image, np.float32)[None])))[
@@ -262,4 +269,9 @@ def predict_files(
             written.append(
                 save_image(out_dir / f"{name}_probs.nii.gz", probs.astype(np.float32), like=image)
             )
+        outputs[str(path)] = [str(p) for p in written[first:]]
+    if metadata is not None:
+        meta = metadata() if callable(metadata) else metadata
+        record = {**meta, "outputs": outputs}
+        (out_dir / "predict.json").write_text(json.dumps(record, indent=2) + "\n")
     return written

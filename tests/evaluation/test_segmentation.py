@@ -1,6 +1,8 @@
 """medjax.evaluation.segmentation: hand-computed metrics, the evaluator's aggregation, the predictor
 (one pass vs sliding windows) and predict_files' geometry round trip."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -124,8 +126,11 @@ def test_predict_files_restores_the_input_grid_and_header(tmp_path):
         preprocess=preprocess,
         num_classes=2,
         probabilities=True,
+        metadata={"model": "threshold"},
     )
     assert [p.name for p in written] == ["scan_seg.nii.gz", "scan_probs.nii.gz"]
+    info = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert info == {"model": "threshold", "outputs": {str(path): [str(p) for p in written]}}
     seg = nib.load(str(written[0]))
     assert seg.shape == (7, 9, 6) and int(seg.header["sform_code"]) == 4
     np.testing.assert_allclose(seg.affine, affine)

@@ -232,7 +232,8 @@ def test_train_eval_predict_through_the_cli(trained, tmp_path, capsys):
     assert [pathlib.Path(p).name for p in printed] == ["ct_seg.nii.gz", "ct_seg.nrrd"]
     assert out.count("no refinement (S-Net's label kept)") == 2 * 3
     info = json.loads((tmp_path / "p" / "predict.json").read_text())
-    assert info[str(nii)]["small_organs"]["Chiasm"]["refined"] is False
+    assert info["small_organs"][str(nii)]["Chiasm"]["refined"] is False
+    assert [pathlib.Path(p).name for p in info["outputs"][str(nrrd)]] == ["ct_seg.nrrd"]
     ex, state, _ = _load(work)
     task = type(ex)
     prepared, _ = sys.modules[task.__module__].prepare_volume(load_image(nii), SPACING, SHAPE[1:])
