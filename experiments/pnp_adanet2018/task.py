@@ -45,7 +45,7 @@ import optax
 
 import medjax.train
 from medjax.data import datasets, pipeline, synthetic_cardiac, transforms
-from medjax.data.io import Image, load_image, load_label
+from medjax.data.io import Image, load_image, load_label, orient_back, reorient
 from medjax.evaluation import figures as F
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
@@ -69,7 +69,7 @@ from medjax.nn.blocks import fast_init, rbg_key
 from medjax.train.optim import lr_scale, make_optimizer, step_decay
 from medjax.train.state import TrainState
 from medjax.train.steps import adversarial_step, supervised_step
-from medjax.train.transfer import copy_subtrees, load_workdir_state
+from medjax.train.transfer import check_workdir_experiment, copy_subtrees, load_workdir_state
 
 EXPERIMENT = "pnp_adanet2018"
 DATASETS = ("synthetic", "mmwhs")
@@ -122,25 +122,13 @@ def phantom_affine(spacing):
     return a
 
 
-def _orientation(affine, to_canonical=True):
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
-    here, canon = io_orientation(affine), axcodes2ornt(CANONICAL)
-    return ornt_transform(here, canon) if to_canonical else ornt_transform(canon, here)
-
-
 def canonical(image: Image) -> Image:
     """``image`` (3D, one channel) with its voxel axes permuted/flipped to :data:`CANONICAL`."""
-    from nibabel.orientations import apply_orientation, inv_ornt_aff
-
-    shape = image.spatial_shape
-    if len(shape) != 3 or image.num_channels != 1:
+    if len(image.spatial_shape) != 3 or image.num_channels != 1:
         raise ValueError(
             f"{image.path}: expected a 3D single-channel volume, got array shape {image.array.shape}"
         )
-    tr = _orientation(image.affine)
-    array = np.ascontiguousarray(apply_orientation(image.array, tr))
-    return image.replace(array=array, affine=image.affine @ inv_ornt_aff(tr, shape))
+    return reorient(image, CANONICAL)
 
 
 def resample(image: Image, spacing) -> Image:
@@ -495,6 +483,8 @@ class Experiment(medjax.train.Experiment):
                 f"{self.source_workdir}, so stages.source.num_steps must be 0, got "
                 f"{self.steps['source']}"
             )
+        if self.source_workdir:
+            check_workdir_experiment(self.source_workdir, EXPERIMENT)
         if (
             not self.source_workdir
             and not self.steps["source"]
@@ -1225,9 +1215,7 @@ class Experiment(medjax.train.Experiment):
             else:
                 full = labels[:, r0 : r0 + h, c0 : c0 + w]
             full = _restore_grid(full, canon.spatial_shape, canon.spacing, res.spacing)
-            from nibabel.orientations import apply_orientation
-
-            return np.ascontiguousarray(apply_orientation(full, _orientation(image.affine, False)))
+            return orient_back(full, image.affine, CANONICAL)
 
         return Prepared(image=net[..., None], restore=restore)
 
@@ -1241,16 +1229,14 @@ class Experiment(medjax.train.Experiment):
         """Segment target volumes (NIfTI) slice by slice with the adapted network (the source
         segmenter when no adaptation was trained): ``<name>_seg.nii.gz`` with each input's affine."""
         setting = "adapted" if int(state["dam"].step) else "no_adaptation"
-        written = predict_files(
+        return predict_files(
             inputs,
             out_dir,
             predict=self.predictor(state, setting),
             preprocess=self.preprocess_image,
             num_classes=self.num_classes,
+            metadata={"setting": setting, "classes": list(CLASSES)},
         )
-        meta = {"setting": setting, "inputs": [str(p) for p in inputs], "classes": list(CLASSES)}
-        (pathlib.Path(out_dir) / "predict.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return written
 
 
 def _display(slice2d):

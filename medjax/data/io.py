@@ -24,7 +24,9 @@ __all__ = [
     "image_format",
     "load_image",
     "load_label",
+    "orient_back",
     "remap_labels",
+    "reorient",
     "reorient_to_ras",
     "resample_image",
     "resample_to",
@@ -216,8 +218,23 @@ def _squeeze_trailing(data: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------- reorient/resample
 
 
-def reorient_to_ras(image: Image) -> Image:
-    """Returns ``image`` with its spatial axes permuted/flipped to RAS+ and the affine updated (3D only)."""
+def _axis_codes(codes: Sequence[str]) -> tuple[str, ...]:
+    """``codes`` upper-cased, checked to name R/L, A/P and S/I once each."""
+    up = tuple(str(c).upper() for c in codes)
+    if len(up) != 3 or any(sum(c in pair for c in up) != 1 for pair in ("LR", "AP", "IS")):
+        raise ValueError(
+            f"codes: expected one of R/L, A/P and S/I each once (e.g. ('R', 'A', 'S')), got {tuple(codes)}"
+        )
+    return up
+
+
+def reorient(image: Image, codes: Sequence[str] = ("R", "A", "S")) -> Image:
+    """Returns ``image`` with its spatial axes permuted/flipped to the axis codes ``codes`` (3D only).
+
+    Each voxel keeps its world position: the affine is updated with the array. ``codes`` name the
+    direction each new axis points to, e.g. ``("R", "A", "S")`` (RAS+) or ``("A", "I", "L")``.
+    :func:`orient_back` takes an array on the new grid back to ``image``'s voxel layout.
+    """
     from nibabel.orientations import (
         apply_orientation,
         axcodes2ornt,
@@ -229,10 +246,24 @@ def reorient_to_ras(image: Image) -> Image:
     shape = image.spatial_shape
     if len(shape) != 3:
         raise ValueError(f"image: reorientation needs a 3D image, got spatial shape {shape}")
-    tr = ornt_transform(io_orientation(image.affine), axcodes2ornt(("R", "A", "S")))
+    tr = ornt_transform(io_orientation(image.affine), axcodes2ornt(_axis_codes(codes)))
     array = np.ascontiguousarray(apply_orientation(image.array, tr))
     affine = image.affine @ inv_ornt_aff(tr, shape)
     return image.replace(array=array, affine=affine)
+
+
+def orient_back(array, affine: np.ndarray, codes: Sequence[str] = ("R", "A", "S")) -> np.ndarray:
+    """Undoes :func:`reorient`: ``array`` ``(*S', ...)`` on ``reorient(image, codes)``'s grid ->
+    ``image``'s voxel layout, where ``affine`` is ``image.affine`` (trailing axes are kept)."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    back = ornt_transform(axcodes2ornt(_axis_codes(codes)), io_orientation(affine))
+    return np.ascontiguousarray(apply_orientation(np.asarray(array), back))
+
+
+def reorient_to_ras(image: Image) -> Image:
+    """Returns ``image`` with its spatial axes permuted/flipped to RAS+ (``reorient(image)``)."""
+    return reorient(image, ("R", "A", "S"))
 
 
 def resample_image(image: Image, spacing: float | Sequence[float]) -> Image:

@@ -113,6 +113,22 @@ def copy_subtrees(dst, src, mapping, *, src_name="source"):
     return dst
 
 
+def check_workdir_experiment(workdir, experiment):
+    """Raises a one-line ``ValueError`` unless ``workdir`` is a run of ``experiment`` (its
+    ``config.json``); cheap, so an experiment can check a warm-start folder before it builds."""
+    workdir = pathlib.Path(workdir)
+    cfg = workdir / "config.json"
+    if not workdir.is_dir():
+        raise ValueError(f"warm start: {workdir} is not a directory")
+    try:
+        saved = json.loads(cfg.read_text()).get("experiment") if cfg.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"warm start: {cfg} is unreadable ({e})") from None
+    if saved != experiment:
+        what = f"a run of experiment {saved!r}" if saved else "no medjax run (no config.json)"
+        raise ValueError(f"warm start: {workdir} holds {what}, expected {experiment!r}")
+
+
 def load_workdir_state(workdir, *, step=None, experiment=None):
     """The train state of ``workdir``'s checkpoint ``step`` (default latest) as a plain tree.
 
@@ -124,13 +140,8 @@ def load_workdir_state(workdir, *, step=None, experiment=None):
     from medjax.train.checkpoint import _DropMessage, checkpoint_dir
 
     workdir = pathlib.Path(workdir)
-    cfg = workdir / "config.json"
     if experiment is not None:
-        saved = json.loads(cfg.read_text()).get("experiment") if cfg.is_file() else None
-        if saved != experiment:
-            raise ValueError(
-                f"warm start: {workdir} holds a run of experiment {saved!r}, expected {experiment!r}"
-            )
+        check_workdir_experiment(workdir, experiment)
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise ValueError(f"warm start: {workdir} has no checkpoints folder")

@@ -328,3 +328,23 @@ def test_resample_to_matches_nibabel_and_keeps_the_target_grid(tmp_path):
     assert not same_grid(a, b) and same_grid(a, a)
     with pytest.raises(ValueError, match="like"):
         resample_to(a, a.replace(array=np.zeros((4, 4, 1), np.float32), affine=np.eye(3)))
+
+
+def test_reorient_to_any_codes_and_back(tmp_path):
+    rng = np.random.default_rng(4)
+    vol = rng.normal(size=(4, 5, 6, 2)).astype(np.float32)  # two channels ride along
+    aff = np.array([[0, 0, -2.0, 20.0], [-1.5, 0, 0, 10.0], [0, -3.0, 0, -5.0], [0, 0, 0, 1.0]])
+    img = io.Image(
+        array=vol, affine=aff, spacing=(1.5, 3.0, 2.0), orientation=("P", "I", "L"), path="x"
+    )
+    for codes in (("A", "I", "L"), ("R", "A", "S"), ("l", "p", "s"), ("P", "I", "L")):
+        out = io.reorient(img, codes)
+        assert out.orientation == tuple(c.upper() for c in codes)
+        inv = np.linalg.inv(aff)
+        for idx in np.ndindex(*out.array.shape[:3]):  # every voxel keeps its world position
+            old = np.rint(inv @ (out.affine @ np.array([*idx, 1.0])))[:3].astype(int)
+            np.testing.assert_array_equal(out.array[idx], vol[tuple(old)])
+        np.testing.assert_array_equal(io.orient_back(out.array, aff, codes), vol)
+        np.testing.assert_array_equal(io.orient_back(out.array[..., 0], aff, codes), vol[..., 0])
+    with pytest.raises(ValueError, match="R/L, A/P and S/I"):
+        io.reorient(img, ("R", "L", "S"))

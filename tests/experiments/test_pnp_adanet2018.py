@@ -8,6 +8,7 @@ without their label); and the one-line errors a user can cause.
 
 import json
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -175,3 +176,67 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         == 2
     )
     assert "num_steps" in capsys.readouterr().err
+
+
+def _source_only(steps):
+    """TINY with the source stage alone, ``steps`` long."""
+    rest = [
+        a
+        for a in TINY
+        if not a.startswith(("--config.num_steps", "--config.stages.", "--config.checkpoint_every"))
+    ]
+    stages = {"source": steps, "warmup": 0, "adapt": 0, "supervised": 0}
+    return [
+        *rest,
+        f"--config.num_steps={steps}",
+        *(f"--config.stages.{k}.num_steps={v}" for k, v in stages.items()),
+        "--config.checkpoint_every=1",
+    ]
+
+
+def test_warm_start_from_another_experiment_is_refused_before_building(tmp_path, capsys):
+    other = tmp_path / "zoo_run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"experiment": "medicalzoo"}))
+    args = [a for a in TINY if not a.startswith("--config.stages.source")]
+    args = [a for a in args if not a.startswith("--config.num_steps")]
+    work = tmp_path / "w"
+    code = main(
+        [
+            "train",
+            "pnp_adanet2018",
+            "--workdir",
+            str(work),
+            *args,
+            "--config.stages.source.num_steps=0",
+            f"--config.num_steps={sum(STAGES.values()) - STAGES['source']}",
+            f"--config.source_workdir={other}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{other} holds a run of experiment 'medicalzoo', expected 'pnp_adanet2018'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (work / "checkpoints").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """The learning rate turns infinite after two steps (x 1e39 every 2 steps): the engine's guard
+    stops at step 3 with one line naming checkpoint 2, which is still there and finite."""
+    from medjax.cli import EXIT_FAILED
+    from medjax.train.transfer import load_workdir_state
+
+    work = tmp_path / "w"
+    args = [
+        *_source_only(4),
+        "--config.optimizer.schedule.every=2",
+        "--config.optimizer.schedule.factor=1e39",
+    ]
+    assert main(["train", "pnp_adanet2018", "--workdir", str(work), *args]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "at step 3 (last good checkpoint: step 2 " in err, err
+    tree = load_workdir_state(work, experiment="pnp_adanet2018")
+    assert int(np.asarray(tree["seg"]["step"])) == 2
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(tree["seg"]["params"])]
+    assert leaves and all(np.isfinite(x).all() for x in leaves)
