@@ -44,7 +44,7 @@ from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
 from medjax.evaluation.stats import paired_bootstrap, summarize
 from medjax.inference import sliding_window_inference
-from medjax.losses import adaptive_tversky_loss, focal_loss, heatmap_mse
+from medjax.losses import adaptive_tversky_loss, focal_loss, heatmap_mse, soft_dice_loss
 from medjax.models.focusnet import (
     ConvAE,
     FocusNetV2,
@@ -747,7 +747,9 @@ class Experiment(medjax.train.Experiment):
                 float(hc.floor or 0.0),
             )
             valid = batch["valid"][:, None, None, None, :]
-            hm = heatmap_mse(out["heatmap"] * valid, target)
+            hm = heatmap_mse(
+                out["heatmap"] * valid, target, balanced=bool(lc.get("heatmap_balanced", False))
+            )
             loss = loss + float(lc.heatmap_weight) * hm
             peak = jnp.max(out["heatmap"], axis=(1, 2, 3))
             peak = _weighted_mean(peak, batch["valid"], self.axis_name)
@@ -772,7 +774,17 @@ class Experiment(medjax.train.Experiment):
         inter = jnp.sum((hard * truth).reshape(truth.shape[0], -1), -1)
         total = jnp.sum((hard + truth).reshape(truth.shape[0], -1), -1)
         dice = _weighted_mean(2 * inter / jnp.maximum(total, 1.0), w, self.axis_name)
-        return mse, ({"recon_mse": mse, "recon_dice": dice}, {**model_state, **updates})
+        metrics = {"recon_mse": mse, "recon_dice": dice}
+        loss = mse
+        dice_weight = float(self.config.ae.get("dice_weight", 0.0))
+        if dice_weight:
+            wv = w[:, None, None, None, None]  # unannotated organs' crops drop out of the sums
+            soft = soft_dice_loss(
+                out["recon"] * wv, truth * wv, activation="none", axis_name=self.axis_name
+            )
+            loss = loss + dice_weight * soft
+            metrics["recon_soft_dice_loss"] = soft
+        return loss, (metrics, {**model_state, **updates})
 
     def sos_inputs(self, state, batch):
         """The SOS crops of a batch: centres from the frozen S-Net's heatmaps (or the truth's),

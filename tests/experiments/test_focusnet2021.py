@@ -176,7 +176,7 @@ def test_train_eval_predict_through_the_cli(trained, tmp_path, capsys):
         "sos_adversarial"
     ] * 2
     assert {"focal", "tversky", "heatmap_mse"} <= set(records[0])
-    assert {"recon_mse", "recon_dice"} <= set(records[2])
+    assert {"recon_mse", "recon_dice", "recon_soft_dice_loss"} <= set(records[2])
     assert {"gen/seg", "gen/shape", "critic/recon_mse", "critic/code_mse"} <= set(records[4])
     assert all(np.isfinite(r["loss"]) for r in records)
 

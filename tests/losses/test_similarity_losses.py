@@ -85,6 +85,22 @@ def test_heatmap_mse_and_wgan_closed_forms():
     p = np.array([[[0.0], [1.0]], [[2.0], [3.0]]], np.float32)[None]
     t = np.zeros_like(p)
     assert float(losses.heatmap_mse(p, t, weight=2.0)) == pytest.approx(2.0 * 14 / 4)
+    # balanced: per sample and channel, (mean over target > 0 + mean over the rest) / 2
+    t2 = np.array([[[0.0], [0.5]], [[0.0], [0.0]]], np.float32)[None]
+    fg, bg = (1.0 - 0.5) ** 2, (0.0 + 4.0 + 9.0) / 3
+    assert float(losses.heatmap_mse(p, t2, balanced=True)) == pytest.approx((fg + bg) / 2)
+    # two channels, one with an empty foreground; a NumPy loop as the reference
+    rng = np.random.default_rng(0)
+    p3 = rng.uniform(size=(2, 3, 4, 2)).astype(np.float32)
+    t3 = np.where(rng.uniform(size=p3.shape) > 0.7, rng.uniform(size=p3.shape), 0.0)
+    t3[1, ..., 1] = 0.0
+    terms = []
+    for b in range(2):
+        for k in range(2):
+            e, f = (p3[b, ..., k] - t3[b, ..., k]) ** 2, t3[b, ..., k] > 0
+            terms.append(0.5 * ((e[f].mean() if f.any() else 0.0) + e[~f].mean()))
+    got = float(losses.heatmap_mse(p3, t3.astype(np.float32), weight=2.0, balanced=True))
+    assert got == pytest.approx(2.0 * np.mean(terms), rel=1e-5)
     d_real = np.array([1.0, 3.0])
     d_fake = np.array([[0.5], [-0.5], [1.5]])
     assert float(losses.wgan_critic_loss(d_real, d_fake)) == pytest.approx(-(2.0 - 0.5))
