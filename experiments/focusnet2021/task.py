@@ -1276,16 +1276,27 @@ class Experiment(medjax.train.Experiment):
 
     @staticmethod
     def _show(ax, image2d, title=None):
-        # axial slices with rows anterior -> posterior downwards (figures.show_image transposes)
+        # axial slices with rows anterior -> posterior downwards (figures.show_image transposes):
+        # voxel (h, w) is drawn at x = w, y = H - 1 - h (origin lower); overlays use the same
         F.show_image(ax, np.asarray(image2d)[::-1].T, title=title, vmin=-0.1, vmax=0.4)
 
     @staticmethod
+    def _overlay(ax, map2d, **kw):
+        """A (H, W) map drawn over :meth:`_show`'s image, voxel for voxel."""
+        ax.imshow(np.asarray(map2d)[::-1], origin="lower", **kw)
+
+    @staticmethod
+    def _mark(ax, h, w, height, fmt, **kw):
+        """A marker at voxel (h, w) of a slice ``height`` rows tall, as :meth:`_show` draws it."""
+        ax.plot([w], [height - 1 - h], fmt, **kw)
+
+    @staticmethod
     def _contours(ax, labels2d, colors=None):
-        lab = np.asarray(labels2d)[::-1].T
+        lab = np.asarray(labels2d)[::-1].T  # label_contours transposes back: as _show draws
         if colors is None:
             F.label_contours(ax, lab, num_classes=NUM_CLASSES)
-        elif lab.any():
-            ax.contour(lab, levels=[0.5], colors=colors, linewidths=0.8, origin="lower")
+        else:  # one binary mask in one colour
+            F.label_contours(ax, lab, num_classes=2, colors=colors, linewidths=0.8)
 
     def _contour_figure(self, path, case, out):
         plt = F.plt()
@@ -1338,11 +1349,12 @@ class Experiment(medjax.train.Experiment):
             z, h, w = (int(v) for v in out["peak_at"][j])
             self._show(ax, img[z])
             hm = out["heatmap"][z, :, :, j]
-            ax.imshow(hm[::-1].T, cmap="hot", alpha=0.5, vmin=0, vmax=1, origin="lower")
-            ax.plot([h], [w], "x", color="cyan", ms=8, mew=2, label="peak")
+            self._overlay(ax, hm, cmap="hot", alpha=0.5, vmin=0, vmax=1)
+            rows = img.shape[1]
+            self._mark(ax, h, w, rows, "x", color="cyan", ms=8, mew=2, label="peak")
             if case["valid"][j]:
                 cz, ch, cw = case["centres"][j]
-                ax.plot([ch], [cw], "+", color="lime", ms=9, mew=2, label="truth centroid")
+                self._mark(ax, ch, cw, rows, "+", color="lime", ms=9, mew=2, label="truth centroid")
             state = "refined" if out["refined"][j] else f"not refined (peak <= {thr:g})"
             ax.set_title(
                 f"{NAMES[lab - 1]}: peak {out['peak'][j]:.2f} at z={z}\n{state}", fontsize=8
@@ -1380,9 +1392,7 @@ class Experiment(medjax.train.Experiment):
                 self._show(ax, crop_img, f"{name}: {title}")
                 self._contours(ax, (pred[box][sl] == lab).astype(np.int32), colors=colour)
             prob = out["focusnet"][box][sl][..., lab]
-            axes[j, 2].imshow(
-                prob[::-1].T, cmap="Blues", alpha=0.35, vmin=0, vmax=1, origin="lower"
-            )
+            self._overlay(axes[j, 2], prob, cmap="Blues", alpha=0.35, vmin=0, vmax=1)
         fig.suptitle(
             f"{case['id']}: the zoomed {d}x{h}x{w} crops at SOL's peaks (FocusNetV2: its organ "
             "probability shaded)",
