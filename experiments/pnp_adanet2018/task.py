@@ -591,8 +591,15 @@ class Experiment(medjax.train.Experiment):
             batch["label"],
             class_weights="batch_inverse_frequency",
             prob_floor=float(lc.prob_floor),
+            axis_name=self.axis_name,
         )
-        dice = soft_dice_loss(logits, batch["label"], squared=True, include_background=True)
+        dice = soft_dice_loss(
+            logits,
+            batch["label"],
+            squared=True,
+            include_background=True,
+            axis_name=self.axis_name,
+        )
         l2 = float(lc.l2) * _kernels_l2(params)
         loss = ce + float(lc.dice_weight) * dice + l2
         return loss, ({"ce": ce, "dice": dice, "l2": l2}, dict(new_state))
@@ -1098,15 +1105,19 @@ class Experiment(medjax.train.Experiment):
             for i in range(n):
                 case = target_cases[i]
                 k = F.choose_slice(case["label"], axis=0)
-                img = _display(case["image"][k, ..., 0])
+                img = display_slice(case["image"][k, ..., 0])
                 F.show_image(axes[i, 0], img, title=f"{case['id']} slice {k}")
                 F.label_overlay(
-                    axes[i, 1], img, _display(case["label"][k]), num_classes=5, title="truth"
+                    axes[i, 1], img, display_slice(case["label"][k]), num_classes=5, title="truth"
                 )
                 for j, s in enumerate(settings, start=2):
                     pred = shown[("target", s)][i]
                     F.label_overlay(
-                        axes[i, j], img, _display(pred[k]), num_classes=5, title=SETTING_LABELS[s]
+                        axes[i, j],
+                        img,
+                        display_slice(pred[k]),
+                        num_classes=5,
+                        title=SETTING_LABELS[s],
                     )
             fig.suptitle("target (CT) test slices: AA, LA, LV, Myo", fontsize=9)
             written.append(F.save(fig, fig_dir / "target_slices.png"))
@@ -1239,7 +1250,7 @@ class Experiment(medjax.train.Experiment):
         )
 
 
-def _display(slice2d):
+def display_slice(slice2d):
     """A coronal slice (rows superior -> inferior) for ``figures.show_image`` (superior on top)."""
     return np.asarray(slice2d)[::-1].T
 

@@ -136,7 +136,7 @@ def generalized_dice_loss(
     return jnp.mean(1.0 - 2.0 * inter / jnp.maximum(denom, eps))
 
 
-def _ce_weights(class_weights, y, mask):
+def _ce_weights(class_weights, y, mask, axis_name=None):
     num_classes = y.shape[-1]
     if class_weights is None:
         return None
@@ -148,11 +148,15 @@ def _ce_weights(class_weights, y, mask):
             )
         yy = y if mask is None else y * mask[..., None]
         counts = jnp.sum(yy, axis=tuple(range(y.ndim - 1)))
+        if axis_name is not None:
+            counts = jax.lax.psum(counts, axis_name)
         return jax.lax.stop_gradient(1.0 - counts / jnp.maximum(jnp.sum(counts), 1.0))
     return class_vector(class_weights, num_classes, "class_weights")
 
 
-def cross_entropy(logits, labels, *, class_weights=None, mask=None, prob_floor=None):
+def cross_entropy(
+    logits, labels, *, class_weights=None, mask=None, prob_floor=None, axis_name=None
+):
     """Mean (class-weighted) cross-entropy: logits (B, *S, C), labels (B, *S) int or (B, *S, C) -> scalar.
 
     Per voxel ``-sum_c w_c y_c log softmax(logits)_c``, averaged over all voxels (or the voxels where
@@ -163,11 +167,14 @@ def cross_entropy(logits, labels, *, class_weights=None, mask=None, prob_floor=N
     ``prob_floor``: None (an unclipped log-softmax) or a value in (0, 1) to which the softmax
     probabilities are clipped from below before the log, as PnP-AdaNet does with 0.005
     (``log(clip(p, 0.005, 1))``; a voxel whose true class is below the floor gets no gradient).
+    ``axis_name``: under ``jax.pmap``, the batch frequencies are counted over every device's batch
+    (``psum``), so that the weights are those of the global batch (the mean itself is per device:
+    its ``pmean`` is the global mean when the devices hold equal batches and no ``mask``).
     """
     logits = check_logits(logits)
     y = target_like(labels, logits, "labels")
     m = None if mask is None else voxel_mask(mask, logits.shape[:-1])
-    w = _ce_weights(class_weights, y, m)
+    w = _ce_weights(class_weights, y, m, axis_name)
     if prob_floor is None:
         logp = jax.nn.log_softmax(logits, axis=-1)
     else:

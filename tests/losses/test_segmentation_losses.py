@@ -198,6 +198,39 @@ def test_cross_entropy_batch_inverse_frequency():
     np.testing.assert_allclose(float(got), _ref_ce(logits, labels, w), rtol=1e-5)
 
 
+def test_pnp_losses_over_a_device_axis_are_the_global_batch_losses():
+    """Split over a named axis (vmap stands in for pmap): the batch-frequency weights and the
+    batch-pooled Dice see the whole batch, so the shards' mean loss and mean gradient (what a pmap
+    step's pmean gives) are the loss and gradient of the unsplit batch."""
+    logits, labels = _data(10)
+    b = logits.shape[0]
+    assert b % 2 == 0
+
+    def loss(lg, lb, axis_name=None):
+        ce = losses.cross_entropy(
+            lg, lb, class_weights="batch_inverse_frequency", prob_floor=0.005, axis_name=axis_name
+        )
+        dice = losses.soft_dice_loss(lg, lb, squared=True, axis_name=axis_name)
+        return ce + dice
+
+    shards = (
+        logits.reshape(2, b // 2, *logits.shape[1:]),
+        labels.reshape(2, b // 2, *labels.shape[1:]),
+    )
+    per = jax.vmap(jax.value_and_grad(lambda lg, lb: loss(lg, lb, "dev")), axis_name="dev")
+    values, grads = per(*shards)
+    full, full_grad = jax.value_and_grad(loss)(logits, labels)
+    np.testing.assert_allclose(float(np.mean(values)), float(full), rtol=1e-5)
+    # each shard's gradient (here with respect to its own logits) is n = 2 times its share of the
+    # global one (psum's transpose sums the shards' cotangents), so that pmean over parameter
+    # gradients, sum_i (n g_i) / n, is the global gradient
+    got = np.asarray(grads).reshape(full_grad.shape) / 2
+    np.testing.assert_allclose(got, np.asarray(full_grad), rtol=1e-4, atol=1e-7)
+    # without the axis, the shards' weights and Dice are their own: not the global loss
+    local = jax.vmap(loss)(*shards)
+    assert not np.allclose(np.asarray(local).mean(), float(full), rtol=1e-5)
+
+
 def test_cross_entropy_probability_floor():
     """PnP-AdaNet's log(clip(softmax, 0.005, 1)): a NumPy loop, and no gradient below the floor."""
     logits, labels = _data(9)
