@@ -950,11 +950,13 @@ class Experiment(medjax.train.Experiment):
 
     def report(self, results):
         """Markdown: per-structure Dice and ASSD on the target and the source, and the gains."""
+        step = results.get("checkpoint_step")  # set by `medjax eval`, not by evaluate() itself
         lines = [
             f"PnP-AdaNet, d = {results.get('depth')}, {results.get('data')} data, "
             f"{results.get('num_target_cases', 0)} target / {results.get('num_source_cases', 0)} "
-            f"source test volumes, checkpoint step {results.get('checkpoint_step', '?')}; "
-            "Dice (ASSD in mm below), mean ± std over volumes",
+            "source test volumes"
+            + ("" if step is None else f", checkpoint step {step}")
+            + "; Dice (ASSD in mm below), mean ± std over volumes",
             "",
         ]
         head = ["domain", "setting", *STRUCTURES, "mean Dice", "mean ASSD (mm)"]
