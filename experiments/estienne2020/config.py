@@ -180,7 +180,9 @@ def get_config(variant=None):
 
     # ---------------------------------------------------------------- losses
     c.loss = ml_collections.ConfigDict()
-    c.loss.alpha = 1e-10  # README value; the code default is 1e-11
+    # The paper's README value is 1e-10 (its code's default 1e-11), kept in "paper". quick: 1e-5,
+    # ours (README, the study's row s5): the anatomical Dice of 1e-10, a fifth of its folding.
+    c.loss.alpha = 1e-5 if quick else 1e-10
     c.loss.beta = 1.0
     c.loss.mask_normalize = "total"  # the paper's: the masked MSE over all voxels (or "mask")
     c.loss.vxm_similarity = "mse"  # mse | ncc
