@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+from _workers import params_by_path  # this folder is on sys.path when the worker runs
 
 import medjax.nn.conv
 from medjax.train import load_config, load_experiment
@@ -27,17 +28,6 @@ def _batches(ex):
     return out
 
 
-def _params(state):
-    """``{network: {parameter path: nested list}}`` (one entry per array, named by its path)."""
-    return {
-        k: {
-            jax.tree_util.keystr(path): np.asarray(a, np.float64).tolist()
-            for path, a in jax.tree_util.tree_leaves_with_path(v.params)
-        }
-        for k, v in state.items()
-    }
-
-
 def run_mesh(ex, state, batches, devices):
     mesh = make_mesh(devices)
     state = replicate(state, mesh)
@@ -49,7 +39,7 @@ def run_mesh(ex, state, batches, devices):
         for b in batches[stage.name]:
             state, m = fn(state, shard_batch(b, mesh))
             losses.append(float(m["loss"]))
-    return losses, _params(jax.device_get(state))
+    return losses, params_by_path(jax.device_get(state))
 
 
 def run_pmap(ex, config, state, batches):
@@ -66,7 +56,7 @@ def run_pmap(ex, config, state, batches):
             b = jax.tree.map(lambda a: a.reshape(n, -1, *a.shape[1:]), b)
             state, m = fn(state, b)
             losses.append(float(m["loss"][0]))
-    return losses, _params(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(state)))
+    return losses, params_by_path(jax.tree.map(lambda a: np.asarray(a)[0], jax.device_get(state)))
 
 
 def main(overrides):
