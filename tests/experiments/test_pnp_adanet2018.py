@@ -46,9 +46,23 @@ def xla_conv(monkeypatch):
     monkeypatch.setattr(medjax.nn.conv, "enabled", False)
 
 
-def test_train_eval_predict(tmp_path):
-    work = tmp_path / "run"
-    assert main(["train", "pnp_adanet2018", "--workdir", str(work), *TINY]) == 0
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The four stages through the CLI, a checkpoint after every step and the last four kept
+    (steps 5-8: inside the adaptation stage, steps 5-6, and the supervised stage, 7-8)."""
+    medjax.nn.conv.enabled, conv = False, medjax.nn.conv.enabled
+    work = tmp_path_factory.mktemp("pnp") / "run"
+    args = [a for a in TINY if not a.startswith("--config.checkpoint_every")]
+    args += ["--config.checkpoint_every=1", "--config.keep_checkpoints=4"]
+    try:
+        assert main(["train", "pnp_adanet2018", "--workdir", str(work), *args]) == 0
+    finally:
+        medjax.nn.conv.enabled = conv
+    return work
+
+
+def test_train_eval_predict(trained, tmp_path):
+    work = trained
     stages = [json.loads(line).get("stage") for line in (work / "metrics.jsonl").open()]
     assert [s for s in dict.fromkeys(stages) if s] == list(STAGES)
     assert main(["eval", "pnp_adanet2018", "--workdir", str(work)]) == 0
@@ -78,6 +92,30 @@ def test_train_eval_predict(tmp_path):
     assert seg.shape == scan.shape and np.allclose(seg.affine, affine)
     assert set(np.unique(np.asarray(seg.dataobj))) <= set(range(5))
     assert json.loads((out / "predict.json").read_text())["setting"] == "adapted"
+
+
+def test_resume_inside_the_adaptation_stage(trained, tmp_path, capsys):
+    """A run killed after step 5 (one step into the adaptation stage, steps 5-6: the DAM already
+    warm-started from the source segmenter and trained one step, the critic's n_critic updates
+    done) and resumed with the same command gives the uninterrupted run's state, bit for bit, and
+    its metrics. The killed run is a copy of the full run without checkpoints 6-8."""
+    import shutil
+
+    from medjax.train.transfer import load_workdir_state
+
+    assert sorted(int(p.name) for p in (trained / "checkpoints").iterdir()) == [5, 6, 7, 8]
+    cut = tmp_path / "cut"
+    shutil.copytree(trained, cut)
+    for step in (6, 7, 8):
+        shutil.rmtree(cut / "checkpoints" / str(step))
+    assert main(["train", "pnp_adanet2018", "--workdir", str(cut)]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming {cut.resolve()} from step 5" in err, err[-2000:]
+    full, resumed = load_workdir_state(trained), load_workdir_state(cut)
+    assert jax.tree.structure(full) == jax.tree.structure(resumed)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (cut / "metrics.jsonl").read_text() == (trained / "metrics.jsonl").read_text()
 
 
 def _write_case(root, name, shape, with_label=True, seed=0):
