@@ -2,14 +2,25 @@
 
 Subpackages are imported lazily so that ``import medjax`` stays cheap:
 ``medjax.ops``, ``medjax.losses``, ``medjax.metrics``, ``medjax.nn``, ``medjax.models``,
-``medjax.data``, ``medjax.inference``, ``medjax.train``.
+``medjax.data``, ``medjax.inference``, ``medjax.evaluation``, ``medjax.figures``, ``medjax.train``.
 """
 
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "losses", "metrics", "nn", "models", "data", "inference", "train")
+_SUBMODULES = (
+    "ops",
+    "losses",
+    "metrics",
+    "nn",
+    "models",
+    "data",
+    "inference",
+    "evaluation",
+    "figures",
+    "train",
+)
 
 
 def __getattr__(name):

@@ -74,10 +74,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import medjax.train
+from medjax import figures as F
 from medjax.data import datasets, pipeline
 from medjax.data import synthetic_abdomen as abdomen
 from medjax.data.io import DataFileError
-from medjax.evaluation import figures as F
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
 from medjax.evaluation.stats import paired_bootstrap

@@ -35,10 +35,10 @@ import numpy as np
 from scipy import ndimage
 
 import medjax.train
+from medjax import figures as F
 from medjax import metrics, ops, registration
 from medjax.data import datasets, pipeline, synthetic, transforms
 from medjax.data.io import load_image
-from medjax.evaluation import figures as F
 from medjax.evaluation.segmentation import case_metrics
 from medjax.evaluation.stats import summarize
 from medjax.losses import joint_loss_terms, voxelmorph_loss_terms

@@ -35,11 +35,11 @@ import optax
 from scipy import ndimage
 
 import medjax.train
+from medjax import figures as F
 from medjax.data import datasets, pipeline
 from medjax.data.datasets import PDDCA_STRUCTURES
 from medjax.data.io import load_image, resample_image
 from medjax.data.synthetic_headneck import headneck_phantom
-from medjax.evaluation import figures as F
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
 from medjax.evaluation.stats import paired_bootstrap, summarize
@@ -1274,50 +1274,40 @@ class Experiment(medjax.train.Experiment):
             written.append(self._crop_figure(fig_dir / "crops_case0.png", case, out))
         return sorted(p.name for p in written)
 
-    @staticmethod
-    def _show(ax, image2d, title=None):
-        # axial slices with rows anterior -> posterior downwards (figures.show_image transposes):
-        # voxel (h, w) is drawn at x = w, y = H - 1 - h (origin lower); overlays use the same
-        F.show_image(ax, np.asarray(image2d)[::-1].T, title=title, vmin=-0.1, vmax=0.4)
+    # Axial slices are drawn with rows (anterior -> posterior) running downwards: every 2D array
+    # goes through F.rows_down and every voxel (h, w) through F.rows_down_point.
 
     @staticmethod
-    def _overlay(ax, map2d, **kw):
-        """A (H, W) map drawn over :meth:`_show`'s image, voxel for voxel."""
-        ax.imshow(np.asarray(map2d)[::-1], origin="lower", **kw)
-
-    @staticmethod
-    def _mark(ax, h, w, height, fmt, **kw):
-        """A marker at voxel (h, w) of a slice ``height`` rows tall, as :meth:`_show` draws it."""
-        ax.plot([w], [height - 1 - h], fmt, **kw)
-
-    @staticmethod
-    def _contours(ax, labels2d, colors=None):
-        lab = np.asarray(labels2d)[::-1].T  # label_contours transposes back: as _show draws
-        if colors is None:
-            F.label_contours(ax, lab, num_classes=NUM_CLASSES)
-        else:  # one binary mask in one colour
-            F.label_contours(ax, lab, num_classes=2, colors=colors, linewidths=0.8)
+    def _panel(image2d, title=None, **kw):
+        """A panel of one axial slice (the CT window of the phantoms), maps over it as ``kw``."""
+        kw = {
+            k: F.rows_down(v) if k in ("labels", "heat", "contours") else v for k, v in kw.items()
+        }
+        return F.Panel(F.rows_down(image2d), title=title, vmin=-0.1, vmax=0.4, **kw)
 
     def _contour_figure(self, path, case, out):
-        plt = F.plt()
         label, img = case["label"], case["image"][..., 0]
         preds = {"truth": label, "S-Net": out["snet"].argmax(-1)}
         if "focusnet" in out:
             preds["FocusNetV2"] = out["focusnet"].argmax(-1)
         groups = (("optic chiasm / nerves", SMALL), ("brainstem", (1,)), ("parotids", (6, 7)))
         groups += (("mandible / submandibular", (3, 8, 9)),)
-        fig, axes = plt.subplots(
-            len(preds), len(groups), figsize=(2.6 * len(groups), 2.7 * len(preds))
+        slices = [F.choose_slice(np.isin(label, organs), axis=0) for _, organs in groups]
+        rows = [
+            [
+                self._panel(
+                    img[z], f"{name}: {title} (z={z})", contours=lab[z], num_classes=NUM_CLASSES
+                )
+                for (title, _), z in zip(groups, slices, strict=True)
+            ]
+            for name, lab in preds.items()
+        ]
+        return F.panel_grid(
+            path,
+            rows,
+            panel_size=(2.6, 2.7),
+            title=f"{case['id']}: organ contours (colours by label)",
         )
-        axes = np.atleast_2d(axes)
-        for col, (title, organs) in enumerate(groups):
-            z = F.choose_slice(np.isin(label, organs), axis=0)
-            for row, (name, lab) in enumerate(preds.items()):
-                ax = axes[row, col]
-                self._show(ax, img[z], f"{name}: {title} (z={z})")
-                self._contours(ax, lab[z])
-        fig.suptitle(f"{case['id']}: organ contours (colours by label)", fontsize=9)
-        return F.save(fig, path)
 
     def _dice_bars(self, path, results):
         models = ("snet",) if self.kind == "snet" else ("snet", "focusnet")
@@ -1340,37 +1330,47 @@ class Experiment(medjax.train.Experiment):
         )
 
     def _heatmap_figure(self, path, case, out):
-        plt = F.plt()
         img = case["image"][..., 0]
-        fig, axes = plt.subplots(1, len(SMALL), figsize=(3.0 * len(SMALL), 3.2))
         thr = float(self.config.eval.heatmap_threshold)
+        rows = img.shape[1]
+        panels = []
         for j, lab in enumerate(SMALL):
-            ax = axes[j]
             z, h, w = (int(v) for v in out["peak_at"][j])
-            self._show(ax, img[z])
-            hm = out["heatmap"][z, :, :, j]
-            self._overlay(ax, hm, cmap="hot", alpha=0.5, vmin=0, vmax=1)
-            rows = img.shape[1]
-            self._mark(ax, h, w, rows, "x", color="cyan", ms=8, mew=2, label="peak")
+            marks = [
+                (*F.rows_down_point(h, w, rows), "x", dict(color="cyan", ms=8, mew=2, label="peak"))
+            ]
             if case["valid"][j]:
-                cz, ch, cw = case["centres"][j]
-                self._mark(ax, ch, cw, rows, "+", color="lime", ms=9, mew=2, label="truth centroid")
+                _, ch, cw = case["centres"][j]
+                marks.append(
+                    (
+                        *F.rows_down_point(ch, cw, rows),
+                        "+",
+                        dict(color="lime", ms=9, mew=2, label="truth centroid"),
+                    )
+                )
             state = "refined" if out["refined"][j] else f"not refined (peak <= {thr:g})"
-            ax.set_title(
-                f"{NAMES[lab - 1]}: peak {out['peak'][j]:.2f} at z={z}\n{state}", fontsize=8
+            panels.append(
+                self._panel(
+                    img[z],
+                    f"{NAMES[lab - 1]}: peak {out['peak'][j]:.2f} at z={z}\n{state}",
+                    heat=out["heatmap"][z, :, :, j],
+                    heat_kw=dict(cmap="hot", alpha=0.5, vmin=0, vmax=1),
+                    markers=marks,
+                    legend=j == 0,
+                )
             )
-        axes[0].legend(fontsize=6, loc="lower left")
-        fig.suptitle(
-            f"{case['id']}: SOL heatmaps (blended over windows) and their peaks", fontsize=9
+        return F.panel_grid(
+            path,
+            [panels],
+            panel_size=(3.0, 3.2),
+            title=f"{case['id']}: SOL heatmaps (blended over windows) and their peaks",
         )
-        return F.save(fig, path)
 
     def _crop_figure(self, path, case, out):
-        plt = F.plt()
         img, label = case["image"][..., 0], case["label"]
         snet, focus = out["snet"].argmax(-1), out["focusnet"].argmax(-1)
         d, h, w = self.crop
-        fig, axes = plt.subplots(len(SMALL), 3, figsize=(8.4, 2.8 * len(SMALL)), squeeze=False)
+        rows = []
         for j, lab in enumerate(SMALL):
             c = out["peak_at"][j]
             start = [
@@ -1381,24 +1381,36 @@ class Experiment(medjax.train.Experiment):
             sl = (z, slice(None), slice(None))
             crop_img = img[box][sl]
             name = NAMES[lab - 1]
-            for col, (title, pred, colour) in enumerate(
-                (
-                    ("truth", label, "lime"),
-                    ("S-Net", snet, "red"),
-                    ("FocusNetV2", focus, "deepskyblue"),
-                )
+            row = []
+            for title, pred, colour in (
+                ("truth", label, "lime"),
+                ("S-Net", snet, "red"),
+                ("FocusNetV2", focus, "deepskyblue"),
             ):
-                ax = axes[j, col]
-                self._show(ax, crop_img, f"{name}: {title}")
-                self._contours(ax, (pred[box][sl] == lab).astype(np.int32), colors=colour)
-            prob = out["focusnet"][box][sl][..., lab]
-            self._overlay(axes[j, 2], prob, cmap="Blues", alpha=0.35, vmin=0, vmax=1)
-        fig.suptitle(
-            f"{case['id']}: the zoomed {d}x{h}x{w} crops at SOL's peaks (FocusNetV2: its organ "
-            "probability shaded)",
-            fontsize=9,
+                extra = {}
+                if title == "FocusNetV2":  # its organ probability shaded under the contour
+                    extra = dict(
+                        heat=out["focusnet"][box][sl][..., lab],
+                        heat_kw=dict(cmap="Blues", alpha=0.35, vmin=0, vmax=1),
+                    )
+                row.append(
+                    self._panel(
+                        crop_img,
+                        f"{name}: {title}",
+                        contours=(pred[box][sl] == lab).astype(np.int32),
+                        num_classes=2,
+                        contour_colors=colour,
+                        **extra,
+                    )
+                )
+            rows.append(row)
+        return F.panel_grid(
+            path,
+            rows,
+            panel_size=(2.8, 2.8),
+            title=f"{case['id']}: the zoomed {d}x{h}x{w} crops at SOL's peaks (FocusNetV2: its "
+            "organ probability shaded)",
         )
-        return F.save(fig, path)
 
     # ---------------------------------------------------------------- prediction
 

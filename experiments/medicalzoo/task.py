@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import medjax.train
+from medjax import figures as F
 from medjax import losses as L
 from medjax.data import datasets, pipeline, synthetic, transforms
-from medjax.evaluation import figures as F
 from medjax.evaluation.report import markdown_table, mean_std
 from medjax.evaluation.segmentation import (
     Prepared,

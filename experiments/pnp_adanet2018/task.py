@@ -44,9 +44,9 @@ import numpy as np
 import optax
 
 import medjax.train
+from medjax import figures as F
 from medjax.data import datasets, pipeline, synthetic_cardiac, transforms
 from medjax.data.io import Image, load_image, load_label, orient_back, reorient
-from medjax.evaluation import figures as F
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
 from medjax.evaluation.stats import paired_bootstrap
@@ -1097,32 +1097,28 @@ class Experiment(medjax.train.Experiment):
     def _figures(self, state, workdir, target_cases, shown, results):
         fig_dir = workdir / "figures"
         written = []
-        plt = F.plt()
         settings = [s for s in SETTINGS if ("target", s) in shown]
-        n = min(3, len(target_cases))
-        if n:
-            fig, axes = plt.subplots(
-                n, 2 + len(settings), figsize=(2.3 * (2 + len(settings)), 2.5 * n), squeeze=False
-            )
-            for i in range(n):
-                case = target_cases[i]
-                k = F.choose_slice(case["label"], axis=0)
-                img = display_slice(case["image"][k, ..., 0])
-                F.show_image(axes[i, 0], img, title=f"{case['id']} slice {k}")
-                F.label_overlay(
-                    axes[i, 1], img, display_slice(case["label"][k]), num_classes=5, title="truth"
+        rows = []
+        for i, case in enumerate(target_cases[:3]):
+            k = F.choose_slice(case["label"], axis=0)
+            img = display_slice(case["image"][k, ..., 0])
+            row = [F.Panel(img, title=f"{case['id']} slice {k}")]
+            shown_labels = {"truth": case["label"]}
+            shown_labels.update({SETTING_LABELS[s]: shown[("target", s)][i] for s in settings})
+            row += [
+                F.Panel(img, title=name, labels=display_slice(lab[k]), num_classes=5)
+                for name, lab in shown_labels.items()
+            ]
+            rows.append(row)
+        if rows:
+            written.append(
+                F.panel_grid(
+                    fig_dir / "target_slices.png",
+                    rows,
+                    panel_size=(2.3, 2.5),
+                    title="target (CT) test slices: AA, LA, LV, Myo",
                 )
-                for j, s in enumerate(settings, start=2):
-                    pred = shown[("target", s)][i]
-                    F.label_overlay(
-                        axes[i, j],
-                        img,
-                        display_slice(pred[k]),
-                        num_classes=5,
-                        title=SETTING_LABELS[s],
-                    )
-            fig.suptitle("target (CT) test slices: AA, LA, LV, Myo", fontsize=9)
-            written.append(F.save(fig, fig_dir / "target_slices.png"))
+            )
         curve = self._wasserstein_curve(workdir)
         if curve:
             ys = {
@@ -1178,16 +1174,13 @@ class Experiment(medjax.train.Experiment):
         allf = np.concatenate(list(groups.values()), 0)
         mean = allf.mean(0)
         _, _, vt = np.linalg.svd(allf - mean, full_matrices=False)
-        plt = F.plt()
-        fig, ax = plt.subplots(figsize=(4.8, 4.2))
-        for (name, f), marker in zip(groups.items(), ("o", "x", "+"), strict=True):
-            p = (f - mean) @ vt[:2].T
-            ax.scatter(p[:, 0], p[:, 1], s=10, marker=marker, label=name, alpha=0.7)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-        ax.legend(fontsize=7)
-        ax.set_title("pooled conv9_2 features of heart slices (PCA)", fontsize=9)
-        return F.save(fig, path)
+        return F.scatter(
+            path,
+            {name: (f - mean) @ vt[:2].T for name, f in groups.items()},
+            xlabel="PC 1",
+            ylabel="PC 2",
+            title="pooled conv9_2 features of heart slices (PCA)",
+        )
 
     # ---------------------------------------------------------------- prediction
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import medjax.train
+from medjax import figures as F
 from medjax.data import tasks as T
 from medjax.data.pipeline import FunctionSource, make_iterator
 from medjax.losses import soft_dice_loss
@@ -279,28 +280,27 @@ def results_table(results):
 
 def plot_dice_vs_support(results, path):
     """Plot mean held-out Dice against support size (log2 axis) to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     styles = {
         "universeg": "o-",
         "universeg_ensemble": "s-",
         "unet_per_task": "^--",
         "untrained": "x:",
     }
+    series = {}
     for k, r in results["dice_vs_support"].items():
         if r:
             s = sorted(int(v) for v in r)
-            ax.plot(s, [100 * r[str(v)] for v in s], styles.get(k, "o-"), label=NAMES.get(k, k))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("support size")
-    ax.set_ylabel("Dice on held-out task families (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            series[NAMES.get(k, k)] = (s, [100 * r[str(v)] for v in s])
+    return F.curves(
+        path,
+        None,
+        series,
+        xlabel="support size",
+        ylabel="Dice on held-out task families (%)",
+        styles={NAMES.get(k, k): v for k, v in styles.items()},
+        xlog_base=2,
+        ylim=(0, 100),
+        grid=True,
+        figsize=(5.5, 3.8),
+        dpi=120,
+    )

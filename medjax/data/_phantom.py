@@ -181,15 +181,43 @@ def blur(img, sigma_mm, spacing):
     return ndimage.gaussian_filter(img, np.broadcast_to(sigma, (3,)), mode="nearest")
 
 
-def plot_slice(ax, img, lab, colours, vmin, vmax, title=None, classes=None):
-    """Draw a 2-D slice ``img`` in grey with a contour per label id of ``lab`` (1..len(colours))."""
-    ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    ids = range(1, len(colours) + 1) if classes is None else classes
-    for c in ids:
-        mask = lab == c
-        if mask.any():
-            ax.contour(mask, levels=[0.5], colors=colours[c - 1], linewidths=0.9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
+#: The CT window W 400 / L 40 HU in the CT phantoms' intensity units, (HU + 100) / 1000
+CT_WINDOW = ((40.0 - 200.0 + 100.0) / 1000.0, (40.0 + 200.0 + 100.0) / 1000.0)
+
+
+#: how the CT previews are oriented (radiological convention)
+PATIENT_LEFT = "patient left on the right"
+
+
+def ct_preview(path, phantoms, axial, coronal_ids, colours, names, *, title, panel_size):
+    """A CT phantom preview written to ``path``: a row per phantom (``phantoms``: seed -> the
+    phantom's dict), in it for each ``(name, label ids)`` of ``axial`` the axial slice with most
+    of those labels, then the coronal slice with most of ``coronal_ids``; label contours in
+    ``colours`` (label k in ``colours[k - 1]``, named ``names[k - 1]`` in the legend), the W400/L40
+    window."""
+    from medjax import figures as F
+
+    rows = [_ct_row(F, out, axial, coronal_ids, colours, seed) for seed, out in phantoms.items()]
+    legend = dict(zip(names, colours, strict=True))
+    return F.panel_grid(path, rows, panel_size=panel_size, legend=legend, title=title, dpi=80)
+
+
+def _ct_row(F, out, axial, coronal_ids, colours, seed):
+    img, lab = out["image"], out["label"]
+    window = dict(vmin=CT_WINDOW[0], vmax=CT_WINDOW[1], contour_colors=colours)
+    row = []
+    for name, ids in axial:
+        z = int(np.argmax(np.isin(lab, ids).sum(axis=(1, 2))))
+        title = f"seed {seed} {name} (z {z})"
+        row.append(F.Panel(F.rows_down(img[z]), title, contours=F.rows_down(lab[z]), **window))
+    col = int(np.argmax(np.isin(lab, coronal_ids).sum(axis=(0, 2))))
+    row.append(
+        F.Panel(
+            F.rows_down(img[::-1, col]),
+            "coronal",
+            contours=F.rows_down(lab[::-1, col]),
+            aspect=out["spacing"][0] / out["spacing"][2],
+            **window,
+        )
+    )
+    return row

@@ -442,11 +442,9 @@ def phantom_pair(
 
 def save_figure(path, seeds=(0, 1, 2), shape=(96, 96, 96)):
     """Draw slices through the tumour centre (axial/coronal/sagittal) of a few phantoms to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+
+    from medjax import figures as F
 
     anat_cmap = ListedColormap(
         ["black", "#4a90d9", "#9b9b9b", "#f2f2f2", "#1f3fbf", "#d98f4a", "#7bbf5a", "#bf5a9b"]
@@ -454,66 +452,45 @@ def save_figure(path, seeds=(0, 1, 2), shape=(96, 96, 96)):
     tum_cmap = ListedColormap(["black", "#e03030", "#f0d020", "#30c0f0"])
     views = ("axial", "coronal", "sagittal")
     cols = [*MODALITIES, "anatomy", "tumour"]
-    fig, axes = plt.subplots(
-        len(seeds) * 3, len(cols), figsize=(2.0 * len(cols), 2.0 * 3 * len(seeds)), squeeze=False
-    )
-    for si, seed in enumerate(seeds):
+    rows = []
+    for seed in seeds:
         ph = brain_phantom(seed, shape)
         c = np.round(ph["tumour_centre"]).astype(int)
-        for vi, view in enumerate(views):
+        for view in views:
             take = {
                 "axial": lambda a, c=c: a[:, :, c[2]],
                 "coronal": lambda a, c=c: a[:, c[1], :],
                 "sagittal": lambda a, c=c: a[c[0], :, :],
             }[view]
-            row = si * 3 + vi
+            row = []
             for ci, name in enumerate(cols):
-                ax = axes[row, ci]
-                ax.set_xticks([])
-                ax.set_yticks([])
+                panel = F.Panel(
+                    None,
+                    title=(name.upper() if ci < len(MODALITIES) else name) if not rows else None,
+                    ylabel=f"seed {seed}\n{view}" if ci == 0 else None,
+                )
                 if ci < len(MODALITIES):
-                    sl = take(ph["image"][..., ci])
-                    ax.imshow(
-                        sl.T,
-                        origin="lower",
-                        cmap="gray",
-                        vmin=0,
-                        vmax=np.percentile(ph["image"][..., ci], 99.8),
-                    )
+                    panel.image = take(ph["image"][..., ci])
+                    panel.vmin, panel.vmax = 0, np.percentile(ph["image"][..., ci], 99.8)
                 else:
-                    base = take(ph["image"][..., 0])
-                    ax.imshow(base.T, origin="lower", cmap="gray")
-                    lab = take(ph[name])
-                    cmap = anat_cmap if name == "anatomy" else tum_cmap
-                    nlab = _NUM_ANATOMY if name == "anatomy" else 4
-                    masked = np.ma.masked_where(lab == 0, lab)
-                    ax.imshow(
-                        masked.T,
-                        origin="lower",
-                        cmap=cmap,
-                        vmin=0,
-                        vmax=nlab - 1,
-                        alpha=0.55,
-                        interpolation="nearest",
-                    )
-                if row == 0:
-                    ax.set_title(name.upper() if ci < len(MODALITIES) else name, fontsize=9)
-                if ci == 0:
-                    ax.set_ylabel(f"seed {seed}\n{view}", fontsize=8)
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=anat_cmap(k), label=v) for k, v in ANATOMY_LABELS.items() if k]
-    handles += [Patch(color=tum_cmap(k), label=v) for k, v in TUMOUR_LABELS.items() if k]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.suptitle(
-        "medjax.data.synthetic.brain_phantom: slices through the tumour centre "
+                    panel.image = take(ph["image"][..., 0])
+                    panel.labels = take(ph[name])
+                    panel.label_cmap = anat_cmap if name == "anatomy" else tum_cmap
+                    panel.num_classes = _NUM_ANATOMY if name == "anatomy" else 4
+                row.append(panel)
+            rows.append(row)
+    legend = {v: anat_cmap(k) for k, v in ANATOMY_LABELS.items() if k}
+    legend.update({v: tum_cmap(k) for k, v in TUMOUR_LABELS.items() if k})
+    return F.panel_grid(
+        path,
+        rows,
+        panel_size=(2.0, 2.0),
+        legend=legend,
+        legend_style="patch",
+        title="medjax.data.synthetic.brain_phantom: slices through the tumour centre "
         f"({'x'.join(map(str, shape))}; overlays on T1)",
-        fontsize=10,
+        dpi=80,
     )
-    fig.tight_layout(rect=(0, 0.035, 1, 0.985))
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def _main(argv=None):

@@ -396,43 +396,17 @@ _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#ffe119")
 
 def save_figure(path, seeds=(0, 1, 2), shape=(32, 64, 64)):
     """Draw axial slices through each organ and a coronal slice of a few phantoms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    ncol = len(ABDOMEN_ORGANS) + 1
-    fig, axes = plt.subplots(
-        len(seeds),
-        ncol,
-        figsize=(2.4 * ncol, 2.5 * len(seeds)),
-        squeeze=False,
-        layout="constrained",
+    axial = [(name, (k + 1,)) for k, name in enumerate(ABDOMEN_ORGANS)]
+    return ph.ct_preview(
+        path,
+        {seed: abdomen_phantom(seed, shape) for seed in seeds},
+        axial,
+        (1, 3),
+        _COLOURS,
+        ABDOMEN_ORGANS,
+        title=f"medjax.data.synthetic_abdomen.abdomen_phantom (window W400/L40; {ph.PATIENT_LEFT})",
+        panel_size=(2.4, 2.5),
     )
-    lo, hi = (40.0 - 200.0 + 100.0) / 1000.0, (40.0 + 200.0 + 100.0) / 1000.0  # W 400 / L 40
-    for row, seed in enumerate(seeds):
-        out = abdomen_phantom(seed, shape)
-        img, lab = out["image"], out["label"]
-        for k, name in enumerate(ABDOMEN_ORGANS):
-            z = int(np.argmax((lab == k + 1).sum(axis=(1, 2))))
-            title = f"seed {seed} {name} (z {z})"
-            ph.plot_slice(axes[row, k], img[z], lab[z], _COLOURS, lo, hi, title)
-        col = int(np.argmax(np.isin(lab, (1, 3)).sum(axis=(0, 2))))
-        ax = axes[row, -1]
-        ph.plot_slice(ax, img[::-1, col], lab[::-1, col], _COLOURS, lo, hi, "coronal")
-        ax.set_aspect(out["spacing"][0] / out["spacing"][2])
-    handles = [
-        Line2D([], [], color=c, label=n) for c, n in zip(_COLOURS, ABDOMEN_ORGANS, strict=True)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(
-        "medjax.data.synthetic_abdomen.abdomen_phantom (window W400/L40; patient left on the right)",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def _main(argv=None):

@@ -283,41 +283,39 @@ _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231")
 
 def save_figure(path, seeds=(0, 1, 2), shape=(16, 64, 64)):
     """Draw three coronal slices of a few phantoms, MR and CT side by side, with label contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    from medjax import figures as F
 
     nslice = 3
-    fig, axes = plt.subplots(
-        len(seeds),
-        2 * nslice,
-        figsize=(2.2 * 2 * nslice, 2.3 * len(seeds)),
-        squeeze=False,
-        layout="constrained",
-    )
-    for row, seed in enumerate(seeds):
-        for mi, modality in enumerate(CARDIAC_MODALITIES):
+    rows = []
+    for seed in seeds:
+        row = []
+        for modality in CARDIAC_MODALITIES:
             out = cardiac_phantom(seed, shape, modality=modality)
             img, lab = out["image"], out["label"]
             heart = np.flatnonzero((lab > 0).any(axis=(1, 2)))
             picks = np.linspace(heart[0], heart[-1], nslice + 2)[1:-1].round().astype(int)
             lo, hi = np.percentile(img, [1, 99.5])
-            for k, z in enumerate(picks):
-                title = f"seed {seed} {modality.upper()} slice {z}"
-                ph.plot_slice(axes[row, mi * nslice + k], img[z], lab[z], _COLOURS, lo, hi, title)
-    handles = [
-        Line2D([], [], color=c, label=n) for c, n in zip(_COLOURS, CARDIAC_CLASSES[1:], strict=True)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(
-        "medjax.data.synthetic_cardiac.cardiac_phantom: the same anatomy in MR (left) and CT (right)",
-        fontsize=10,
+            row += [
+                F.Panel(
+                    F.rows_down(img[z]),
+                    title=f"seed {seed} {modality.upper()} slice {z}",
+                    vmin=lo,
+                    vmax=hi,
+                    contours=F.rows_down(lab[z]),
+                    contour_colors=_COLOURS,
+                )
+                for z in picks
+            ]
+        rows.append(row)
+    return F.panel_grid(
+        path,
+        rows,
+        panel_size=(2.2, 2.3),
+        legend=dict(zip(CARDIAC_CLASSES[1:], _COLOURS, strict=True)),
+        title="medjax.data.synthetic_cardiac.cardiac_phantom: the same anatomy in MR (left) and "
+        "CT (right)",
+        dpi=80,
     )
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def _main(argv=None):

@@ -375,45 +375,18 @@ _COLOURS = (
 
 def save_figure(path, seeds=(0, 1), shape=(32, 96, 96)):
     """Draw axial slices through each organ group and a coronal slice of a few phantoms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
     groups = (("chiasm / optic nerves", (2, 4, 5)), ("brainstem", (1,)), ("parotids", (6, 7)))
     groups += (("mandible", (3,)), ("submandibular", (8, 9)))
-    ncol = len(groups) + 1
-    fig, axes = plt.subplots(
-        len(seeds),
-        ncol,
-        figsize=(2.3 * ncol, 2.9 * len(seeds)),
-        squeeze=False,
-        layout="constrained",
+    return ph.ct_preview(
+        path,
+        {seed: headneck_phantom(seed, shape) for seed in seeds},
+        groups,
+        (6, 7, 1),
+        _COLOURS,
+        PDDCA_STRUCTURES,
+        title=f"medjax.data.synthetic_headneck.headneck_phantom (window W400/L40; {ph.PATIENT_LEFT})",
+        panel_size=(2.3, 2.9),
     )
-    lo, hi = (40.0 - 200.0 + 100.0) / 1000.0, (40.0 + 200.0 + 100.0) / 1000.0  # W 400 / L 40
-    for row, seed in enumerate(seeds):
-        out = headneck_phantom(seed, shape)
-        img, lab = out["image"], out["label"]
-        for k, (name, ids) in enumerate(groups):
-            counts = np.isin(lab, ids).sum(axis=(1, 2))
-            z = int(np.argmax(counts))
-            ph.plot_slice(axes[row, k], img[z], lab[z], _COLOURS, lo, hi, f"seed {seed} {name}")
-        col = int(np.argmax(np.isin(lab, (6, 7, 1)).sum(axis=(0, 2))))
-        ax = axes[row, -1]
-        ph.plot_slice(ax, img[::-1, col], lab[::-1, col], _COLOURS, lo, hi, "coronal")
-        ax.set_aspect(out["spacing"][0] / out["spacing"][2])
-    handles = [
-        Line2D([], [], color=c, label=n) for c, n in zip(_COLOURS, PDDCA_STRUCTURES, strict=True)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=7, frameon=False)
-    fig.suptitle(
-        "medjax.data.synthetic_headneck.headneck_phantom (window W400/L40; patient left on the right)",
-        fontsize=10,
-    )
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
 
 
 def _main(argv=None):

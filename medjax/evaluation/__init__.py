@@ -1,5 +1,5 @@
 """Evaluation shared by every experiment: statistics over cases, segmentation evaluation and
-prediction, markdown reports and figures. Names resolve lazily (matplotlib loads only for figures).
+prediction and markdown reports. Names resolve lazily. (Figures: :mod:`medjax.figures`.)
 
 - :mod:`~medjax.evaluation.stats`: ``summary`` (mean ± std over cases), ``summarize`` (a dict of
   per-case lists), ``paired_bootstrap`` (the paired difference's mean, bootstrap CI and cases improved).
@@ -8,7 +8,6 @@ prediction, markdown reports and figures. Names resolve lazily (matplotlib loads
   ``make_predictor`` (sliding-window or one-pass logits), ``predict_files`` (NIfTI label maps with
   the input's geometry).
 - :mod:`~medjax.evaluation.report`: markdown tables and cells.
-- :mod:`~medjax.evaluation.figures`: slice choice, contours, deformation grids, Jacobian maps, bars.
 """
 
 from medjax._lazy import attach
