@@ -11,6 +11,17 @@ experiment's :func:`subject_deformation`) with a random intensity gain and noise
 ``OASIS_OAS1_000k_MR1/aligned_norm.nii.gz`` and ``aligned_seg4.nii.gz`` (no seg35), so that
 ``--config.data=oasis`` trains and evaluates on it: a check that the joint network registers real
 anatomy, not only the synthetic phantoms.
+
+Ten subjects leave one test pair in the experiment's split. For more, register held-out subjects
+(another ``--seed``: other deformations of the same template) with a trained work directory:
+
+    python experiments/estienne2020/real_brains.py HELD_OUT_DIR --seed 1 --n 20 --evaluate WORKDIR
+
+writes the folder if it is not there, runs ``medjax predict`` on the disjoint pairs (subject
+2k moving onto 2k + 1), warps the moving tissue labels with each predicted displacement (nearest
+neighbour) and prints, and writes to ``WORKDIR/held_out.json``, the tissue Dice before and after
+per pair, its mean and the paired bootstrap interval of the gain
+(``medjax.registration.pair_metrics``, ``medjax.evaluation.stats.paired_bootstrap``).
 """
 
 from __future__ import annotations
@@ -84,6 +95,76 @@ def make_folder(out, scan, *, n=10, spacing=4, seed=0):
     return folders
 
 
+def evaluate_held_out(workdir, folder, *, log=print):
+    """Register the disjoint pairs of ``folder`` (OASIS layout, aligned_seg4) with ``medjax
+    predict`` and the model of ``workdir``; returns (and writes to ``workdir/held_out.json``) the
+    per-pair tissue Dice before/after, their means and the paired bootstrap of the gain."""
+    import json
+    import time
+
+    import nibabel as nib
+
+    from medjax import registration
+    from medjax.cli import main as medjax_main
+    from medjax.evaluation.stats import paired_bootstrap
+
+    subjects = sorted(pathlib.Path(folder).glob("OASIS_OAS1_*_MR1"))
+    if len(subjects) < 2:
+        raise SystemExit(
+            f"{folder}: expected at least 2 OASIS_OAS1_*_MR1 subjects, got {len(subjects)}"
+        )
+    pairs, before, after, t0 = [], [], [], time.perf_counter()
+    out_root = pathlib.Path(workdir) / "held_out"
+    for k in range(len(subjects) // 2):
+        mov, fix = subjects[2 * k], subjects[2 * k + 1]
+        out = out_root / f"pair{k}"
+        args = ["predict", "--workdir", str(workdir), "--out", str(out)]
+        code = medjax_main(
+            [*args, str(mov / "aligned_norm.nii.gz"), str(fix / "aligned_norm.nii.gz")]
+        )
+        if code != 0:
+            raise SystemExit(f"medjax predict failed on {mov.name} -> {fix.name} (exit {code})")
+        load = lambda p: np.asarray(nib.load(str(p)).dataobj)  # noqa: E731
+        disp = load(out / "displacement.nii.gz").astype(np.float32)[None]
+        images = [load(s / "aligned_norm.nii.gz").astype(np.float32)[..., None] for s in (mov, fix)]
+        labels = [load(s / "aligned_seg4.nii.gz").astype(np.int32) for s in (mov, fix)]
+        warped = load(out / "warped.nii.gz").astype(np.float32)
+        warped = warped[..., None] if warped.ndim == 3 else warped
+        m, _ = registration.pair_metrics(
+            images[0], images[1], warped, disp, labels=labels, num_labels=4
+        )
+        pairs.append(f"{mov.name} -> {fix.name}")
+        before.append(m["anatomical_dice_before"])
+        after.append(m["anatomical_dice_after"])
+        log(f"{pairs[-1]}: tissue Dice {before[-1]:.3f} -> {after[-1]:.3f}")
+    result = {
+        "workdir": str(workdir),
+        "folder": str(folder),
+        "pairs": pairs,
+        "dice_before": before,
+        "dice_after": after,
+        "mean_before": float(np.mean(before)),
+        "mean_after": float(np.mean(after)),
+        "gain": paired_bootstrap(before, after),
+        "wall_s": time.perf_counter() - t0,
+    }
+    (pathlib.Path(workdir) / "held_out.json").write_text(json.dumps(result, indent=2) + "\n")
+    g = result["gain"]
+    gain = (
+        ""
+        if g is None
+        else (
+            f", gain {g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] "
+            f"({g['improved']}/{g['n']} pairs improve)"
+        )
+    )
+    log(
+        f"{len(pairs)} held-out pairs: tissue Dice {result['mean_before']:.3f} -> "
+        f"{result['mean_after']:.3f}{gain}"
+    )
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out")
@@ -98,9 +179,18 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--spacing", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evaluate",
+        metavar="WORKDIR",
+        help="register OUT_DIR's disjoint pairs with this trained work directory (OUT_DIR is "
+        "written first if it holds no subjects)",
+    )
     a = p.parse_args(argv)
-    folders = make_folder(a.out, a.scan, n=a.n, spacing=a.spacing, seed=a.seed)
-    print(f"{len(folders)} subjects in {a.out}")
+    if not (a.evaluate and any(pathlib.Path(a.out).glob("OASIS_OAS1_*_MR1"))):
+        folders = make_folder(a.out, a.scan, n=a.n, spacing=a.spacing, seed=a.seed)
+        print(f"{len(folders)} subjects in {a.out}")
+    if a.evaluate:
+        evaluate_held_out(a.evaluate, a.out)
 
 
 if __name__ == "__main__":

@@ -424,7 +424,11 @@ class Experiment(medjax.train.Experiment):
                 tx=tx,
                 rng=step_key,
             )
-        shape = self.data.shape
+        # The networks are fully convolutional: their parameters do not depend on the spatial
+        # size, so they are initialised at the smallest valid one (the same values as at the data's
+        # size; tests/experiments/test_estienne2020.py), and restoring a checkpoint for predict
+        # needs no training data.
+        shape = (size_factor(self.config),) * 3
         x = jnp.zeros((1, *shape, self.n_modalities), jnp.float32)
         args = (x,) if self.kind == "segonly" else (x, x)
         variables = fast_init(self.model, init_key, *args)

@@ -3,13 +3,18 @@
 import json
 import math
 import pathlib
+import shutil
 
+import jax
+import jax.numpy as jnp
 import nibabel as nib
 import numpy as np
 import pytest
 
 from medjax.cli import main
 from medjax.data import synthetic
+from medjax.nn.blocks import fast_init
+from medjax.train.experiment import load_experiment
 
 # A 3-level network on 16^3 volumes keeps every run to seconds; the layout is the paper's otherwise.
 TINY = [
@@ -255,6 +260,35 @@ def test_oasis_folder_registration_only(tmp_path):
     for k in ("anatomical_dice_before", "anatomical_dice_after"):
         assert math.isfinite(res[k]) and 0.0 < res[k] <= 1.0, (k, res[k])
     assert "tumour_dice_whole" not in res  # no tumour labels in OASIS
+    # predict needs no training folder: the model is restored without reading the data
+    pair = [data / "OASIS_OAS1_0001_MR1" / "aligned_norm.nii.gz", data / "OASIS_OAS1_0002_MR1"]
+    pair[1] = pair[1] / "aligned_norm.nii.gz"
+    moved = tmp_path / "pair"
+    moved.mkdir()
+    for k, p in enumerate(pair):
+        pair[k] = p.rename(moved / f"{k}.nii.gz")
+    shutil.rmtree(data)
+    out = tmp_path / "pred"
+    assert main(["predict", "--workdir", str(work), *map(str, pair), "--out", str(out)]) == 0
+    assert (out / "displacement.nii.gz").is_file() and (out / "warped.nii.gz").is_file()
+
+
+def test_parameters_do_not_depend_on_the_initialisation_size():
+    """init_state initialises at the smallest valid size: the same parameters as at the data's."""
+    spec = load_experiment("estienne2020")
+    for kind in ("joint", "voxelmorph", "segonly"):
+        ex = spec.build(_config(f"model.kind={kind}", "synthetic.shape=(32,32,32)"))
+        small = ex.init_state(jax.random.PRNGKey(3))
+        shape = ex.data.shape
+        x = jnp.zeros((1, *shape, ex.n_modalities), jnp.float32)
+        args = (x,) if kind == "segonly" else (x, x)
+        big = fast_init(ex.model, jax.random.PRNGKey(3), *args)  # as init_state, at 32^3
+        assert shape == (32, 32, 32)
+        flat = jax.tree_util.tree_leaves_with_path(big["params"])
+        got = dict(jax.tree_util.tree_leaves_with_path(small.params))
+        assert len(flat) == len(got) > 10, kind
+        for path, value in flat:
+            np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=kind)
 
 
 def test_subject_deformation_closed_forms():
