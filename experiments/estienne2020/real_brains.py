@@ -17,11 +17,12 @@ Ten subjects leave one test pair in the experiment's split. For more, register h
 
     python experiments/estienne2020/real_brains.py HELD_OUT_DIR --seed 1 --n 20 --evaluate WORKDIR
 
-writes the folder if it is not there, runs ``medjax predict`` on the disjoint pairs (subject
-2k moving onto 2k + 1), warps the moving tissue labels with each predicted displacement (nearest
-neighbour) and prints, and writes to ``WORKDIR/held_out.json``, the tissue Dice before and after
-per pair, its mean and the paired bootstrap interval of the gain
-(``medjax.registration.pair_metrics``, ``medjax.evaluation.stats.paired_bootstrap``).
+writes the folder if it is not there, runs ``medjax predict`` (``--refine N`` passed on) on the
+disjoint pairs (subject 2k moving onto 2k + 1), warps the moving tissue labels with each predicted
+displacement (nearest neighbour) and prints, and writes to ``WORKDIR/held_out.json``
+(``held_out_refineN.json``), the tissue Dice before and after per pair, its mean and the paired
+bootstrap interval of the gain (``medjax.registration.pair_metrics``,
+``medjax.evaluation.stats.paired_bootstrap``).
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ def make_folder(out, scan, *, n=10, spacing=4, seed=0):
     return folders
 
 
-def evaluate_held_out(workdir, folder, *, log=print):
+def evaluate_held_out(workdir, folder, *, refine=0, log=print):
     """Register the disjoint pairs of ``folder`` (OASIS layout, aligned_seg4) with ``medjax
     predict`` and the model of ``workdir``; returns (and writes to ``workdir/held_out.json``) the
-    per-pair tissue Dice before/after, their means and the paired bootstrap of the gain."""
+    per-pair tissue Dice before/after, their means and the paired bootstrap of the gain.
+    ``refine`` > 0 passes ``--refine`` to predict (test-time refinement of every field) and writes
+    ``held_out_refine<N>.json`` instead."""
     import json
     import time
 
@@ -114,11 +117,13 @@ def evaluate_held_out(workdir, folder, *, log=print):
             f"{folder}: expected at least 2 OASIS_OAS1_*_MR1 subjects, got {len(subjects)}"
         )
     pairs, before, after, t0 = [], [], [], time.perf_counter()
-    out_root = pathlib.Path(workdir) / "held_out"
+    name = f"held_out_refine{refine}" if refine else "held_out"
+    out_root = pathlib.Path(workdir) / name
     for k in range(len(subjects) // 2):
         mov, fix = subjects[2 * k], subjects[2 * k + 1]
         out = out_root / f"pair{k}"
         args = ["predict", "--workdir", str(workdir), "--out", str(out)]
+        args += ["--refine", str(refine)] if refine else []
         code = medjax_main(
             [*args, str(mov / "aligned_norm.nii.gz"), str(fix / "aligned_norm.nii.gz")]
         )
@@ -140,6 +145,7 @@ def evaluate_held_out(workdir, folder, *, log=print):
     result = {
         "workdir": str(workdir),
         "folder": str(folder),
+        "refine_steps": int(refine),
         "pairs": pairs,
         "dice_before": before,
         "dice_after": after,
@@ -148,7 +154,7 @@ def evaluate_held_out(workdir, folder, *, log=print):
         "gain": paired_bootstrap(before, after),
         "wall_s": time.perf_counter() - t0,
     }
-    (pathlib.Path(workdir) / "held_out.json").write_text(json.dumps(result, indent=2) + "\n")
+    (pathlib.Path(workdir) / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     g = result["gain"]
     gain = (
         ""
@@ -185,12 +191,13 @@ def main(argv=None):
         help="register OUT_DIR's disjoint pairs with this trained work directory (OUT_DIR is "
         "written first if it holds no subjects)",
     )
+    p.add_argument("--refine", type=int, default=0, help="with --evaluate: predict --refine N")
     a = p.parse_args(argv)
     if not (a.evaluate and any(pathlib.Path(a.out).glob("OASIS_OAS1_*_MR1"))):
         folders = make_folder(a.out, a.scan, n=a.n, spacing=a.spacing, seed=a.seed)
         print(f"{len(folders)} subjects in {a.out}")
     if a.evaluate:
-        evaluate_held_out(a.evaluate, a.out)
+        evaluate_held_out(a.evaluate, a.out, refine=a.refine)
 
 
 if __name__ == "__main__":
