@@ -7,7 +7,8 @@ idle 2-core CPU, set-up, training and evaluation):
     medjax eval estienne2020 --workdir runs/estienne2020_quick
 
 The full ablation table (joint+sub+mask, joint+concat, no mask, VoxelMorph at two smoothness weights,
-seg-only, identity, per-pair optimisation reference; 65 min):
+seg-only, identity, per-pair optimisation reference, the joint model with test-time refinement),
+then the study rows s0-s8:
 
     medjax compare estienne2020 --variant quick --workdir runs/estienne2020_compare
 
@@ -51,6 +52,17 @@ COMPARE_ROWS = {
     "e_segonly": ("(e) segmentation only (V-Net)", ["model.kind=segonly"]),
     "f_identity": ("(f) identity", ["model.kind=identity"]),
     "g_optimise": ("(g) per-pair optimisation (reference)", ["model.kind=optimise"]),
+    # (a)'s trained model (medjax compare reuses its checkpoints: only eval.* differs), its field
+    # refined per pair at test time by (g)'s optimisation started from it (medjax predict --refine).
+    "h_joint_refined": (
+        "(h) (a) + test-time refinement, 300 steps",
+        [
+            "model.kind=joint",
+            "model.merge=subtract",
+            "model.masked=True",
+            "eval.refine_steps=300",
+        ],
+    ),
 }
 
 

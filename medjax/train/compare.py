@@ -9,7 +9,9 @@ Each row is the base variant's config plus the row's overrides (plus the command
 ``--config.KEY=VALUE``). It is trained with :func:`medjax.train.fit` in ``W/<variant>/<row>``
 (rerun to resume: a finished row is neither retrained nor re-evaluated while its config and
 checkpoint are unchanged; a row whose resolved config equals a finished row's takes that row's
-results instead of training the same model twice; another base variant works in another folder,
+results instead of training the same model twice, and one that differs from a trained row only in
+evaluation settings (``eval.*``, e.g. test-time refinement) takes that row's checkpoints and is
+evaluated with its own settings; another base variant works in another folder,
 so it never reuses stale rows), evaluated with the experiment's ``evaluate``, and tabulated into ``W/compare.md`` with
 ``W/compare.json`` (row name -> that row's ``results.json`` content). The table is the
 experiment's ``compare_table(rows)`` when it defines one, else the columns of its
@@ -82,6 +84,55 @@ def _twin(workdir: pathlib.Path, config_dict: dict) -> dict | None:
     return None
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _training_of(config_dict: dict) -> dict:
+    """The settings that make the trained model: every field but the evaluation-only ``eval.*``."""
+    return {k: v for k, v in _flat(config_dict).items() if not k.startswith("eval.")}
+
+
+def _trained_twin(workdir: pathlib.Path, config_dict: dict, step: int) -> pathlib.Path | None:
+    """Another row's work directory that trained this row's model to ``step`` (a config that
+    differs at most in evaluation-only ``eval.*`` fields), if any."""
+    mine = _training_of(config_dict)
+    for other in sorted(workdir.parent.glob("*/config.json")):
+        row = other.parent
+        if row == workdir or not (row / "checkpoints" / str(step)).is_dir():
+            continue
+        try:
+            theirs = json.loads(other.read_text())
+        except json.JSONDecodeError:
+            continue
+        if _training_of(theirs) == mine:
+            return row
+    return None
+
+
+def _copy_training(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """``src``'s checkpoints, metrics and timing into ``dst`` (hard links where the disk allows)."""
+    import os
+    import shutil
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src / "checkpoints", dst / "checkpoints", copy_function=link)
+    for name in ("metrics.jsonl", "timing.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
 def _run_row(spec, name, label, config, workdir, log):
     from medjax.train.loop import fit
     from medjax.train.workdir import evaluate_workdir, needs_training, restore_for_eval
@@ -97,6 +148,11 @@ def _run_row(spec, name, label, config, workdir, log):
         )
         return record
     experiment = spec.build(config)
+    if needs_training(experiment) and not (workdir / "checkpoints").is_dir():
+        trained = _trained_twin(workdir, config_dict, int(config.num_steps))
+        if trained is not None:  # only evaluation settings differ: one training for both rows
+            log(f"same training as {trained.name!r}: its checkpoints, this row's evaluation")
+            _copy_training(trained, workdir)
     timing_path = workdir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     if needs_training(experiment):

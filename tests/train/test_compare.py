@@ -1,5 +1,6 @@
 """medjax compare on the toy experiment: rows in W/<variant>/<row>, compare.json/md, a row with the
-same config as another reuses its results, a rerun reuses finished rows, --only, bad rows."""
+same config as another reuses its results, one differing only in evaluation settings its training,
+a rerun reuses finished rows, --only, bad rows."""
 
 import json
 import pathlib
@@ -16,7 +17,7 @@ def test_compare_rows_results_table_and_reuse(tmp_path):
     spec = load_experiment("toy", directory=TOY)
     lines = []
     res = compare(spec, "quick", tmp_path, overrides=["num_steps=4"], log=lines.append)
-    assert list(res) == ["a_slow", "b_fast", "c_same"]
+    assert list(res) == ["a_slow", "b_fast", "c_same", "d_eval"]
     for row in res:
         saved = json.loads((tmp_path / "quick" / row / "results.json").read_text())
         assert saved["row"] == row and saved["config"]["num_steps"] == 4
@@ -32,10 +33,19 @@ def test_compare_rows_results_table_and_reuse(tmp_path):
     )
     assert res["c_same"]["val_loss"] == res["a_slow"]["val_loss"]
     assert res["a_slow"]["val_loss"] != res["b_fast"]["val_loss"]
+    # (d) differs from (a) in an evaluation setting only: (a)'s training, (d)'s evaluation
+    a, d = tmp_path / "quick" / "a_slow", tmp_path / "quick" / "d_eval"
+    assert any("same training as 'a_slow'" in s for s in lines)
+    assert (d / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+    files = sorted(p.relative_to(a) for p in (a / "checkpoints").rglob("*") if p.is_file())
+    assert files and all((d / f).stat().st_ino == (a / f).stat().st_ino for f in files)  # linked
+    assert res["d_eval"]["val_loss"] == res["a_slow"]["val_loss"]
+    assert res["d_eval"]["val_loss_scaled"] == 2 * res["a_slow"]["val_loss_scaled"]
+    assert res["d_eval"]["config"]["eval"]["scale"] == 2
     # a rerun reuses every finished row
     lines.clear()
     compare(spec, "quick", tmp_path, overrides=["num_steps=4"], log=lines.append)
-    assert sum("reusing" in s for s in lines) == 3 and not any("evaluating" in s for s in lines)
+    assert sum("reusing" in s for s in lines) == 4 and not any("evaluating" in s for s in lines)
     # another base variant works in its own folder: nothing stale is reused
     lines.clear()
     compare(spec, "long", tmp_path, only="a", overrides=["num_steps=3"], log=lines.append)

@@ -29,6 +29,7 @@ def get_config(variant=None):
     c.tensorboard = False
     c.reduce_on_plateau = None
     c.early_stopping = None
+    c.eval = ml_collections.ConfigDict({"scale": 1.0})  # evaluation only: val_loss_scaled
     if variant == "long":
         c.num_steps = 100
         c.log_every = 10
@@ -37,9 +38,14 @@ def get_config(variant=None):
 
 
 def compare_rows(variant=None):
-    """Rows of the engine's compare test: two learning rates, and a row identical to the first."""
+    """Rows of the engine's compare test: two learning rates, a row identical to the first, and
+    one that differs from the first in an evaluation setting only."""
     return {
         "a_slow": ("(a) Adam 0.05", ["optimizer.learning_rate=0.05"]),
         "b_fast": ("(b) Adam 0.2", ["optimizer.learning_rate=0.2"]),
         "c_same": ("(c) the same as (a)", ["optimizer.learning_rate=0.05"]),
+        "d_eval": (
+            "(d) (a) evaluated at scale 2",
+            ["optimizer.learning_rate=0.05", "eval.scale=2"],
+        ),
     }

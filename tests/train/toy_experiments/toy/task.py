@@ -114,7 +114,10 @@ class Experiment(mt.Experiment):
     def evaluate(self, state, workdir):
         loss = self._val_loss(state)
         (pathlib.Path(workdir) / "toy_eval.txt").write_text(f"{loss}\n")
-        return {"val_loss": loss, "step": int(jax.device_get(state.step))}
+        out = {"val_loss": loss, "step": int(jax.device_get(state.step))}
+        if "eval" in self.config:
+            out["val_loss_scaled"] = loss * float(self.config.eval.scale)
+        return out
 
     def predict(self, state, inputs, out_dir):
         import nibabel as nib
