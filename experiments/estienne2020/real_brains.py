@@ -20,8 +20,8 @@ Ten subjects leave one test pair in the experiment's split. For more, register h
 writes the folder if it is not there, runs ``medjax predict`` (``--refine N`` passed on) on the
 disjoint pairs (subject 2k moving onto 2k + 1), warps the moving tissue labels with each predicted
 displacement (nearest neighbour) and prints, and writes to ``WORKDIR/held_out.json``
-(``held_out_refineN.json``), the tissue Dice before and after per pair, its mean and the paired
-bootstrap interval of the gain (``medjax.registration.pair_metrics``,
+(``held_out_refineN.json``), the tissue Dice before and after per pair (and the folding), its mean and
+the paired bootstrap interval of the gain (``medjax.registration.pair_metrics``,
 ``medjax.evaluation.stats.paired_bootstrap``).
 """
 
@@ -116,7 +116,7 @@ def evaluate_held_out(workdir, folder, *, refine=0, log=print):
         raise SystemExit(
             f"{folder}: expected at least 2 OASIS_OAS1_*_MR1 subjects, got {len(subjects)}"
         )
-    pairs, before, after, t0 = [], [], [], time.perf_counter()
+    pairs, before, after, folding, t0 = [], [], [], [], time.perf_counter()
     name = f"held_out_refine{refine}" if refine else "held_out"
     out_root = pathlib.Path(workdir) / name
     for k in range(len(subjects) // 2):
@@ -141,7 +141,11 @@ def evaluate_held_out(workdir, folder, *, refine=0, log=print):
         pairs.append(f"{mov.name} -> {fix.name}")
         before.append(m["anatomical_dice_before"])
         after.append(m["anatomical_dice_after"])
-        log(f"{pairs[-1]}: tissue Dice {before[-1]:.3f} -> {after[-1]:.3f}")
+        folding.append(m["folding_percent"])
+        log(
+            f"{pairs[-1]}: tissue Dice {before[-1]:.3f} -> {after[-1]:.3f}, "
+            f"{folding[-1]:.2f} % folding"
+        )
     result = {
         "workdir": str(workdir),
         "folder": str(folder),
@@ -151,6 +155,8 @@ def evaluate_held_out(workdir, folder, *, refine=0, log=print):
         "dice_after": after,
         "mean_before": float(np.mean(before)),
         "mean_after": float(np.mean(after)),
+        "folding_percent": folding,
+        "mean_folding_percent": float(np.mean(folding)),
         "gain": paired_bootstrap(before, after),
         "wall_s": time.perf_counter() - t0,
     }
@@ -166,7 +172,7 @@ def evaluate_held_out(workdir, folder, *, refine=0, log=print):
     )
     log(
         f"{len(pairs)} held-out pairs: tissue Dice {result['mean_before']:.3f} -> "
-        f"{result['mean_after']:.3f}{gain}"
+        f"{result['mean_after']:.3f}{gain}; {result['mean_folding_percent']:.2f} % folding voxels"
     )
     return result
 
