@@ -19,8 +19,8 @@ Ten subjects leave one test pair in the experiment's split. For more, register h
 
 writes the folder if it is not there, runs ``medjax predict`` (``--refine N`` passed on) on the
 disjoint pairs (subject 2k moving onto 2k + 1), warps the moving tissue labels with each predicted
-displacement (nearest neighbour) and prints, and writes to ``WORKDIR/held_out.json``
-(``held_out_refineN.json``), the tissue Dice before and after per pair (and the folding), its mean and
+displacement (nearest neighbour), and prints and writes to ``WORKDIR/held_out.json``
+(``held_out_refineN.json``) the tissue Dice before and after per pair, the folding, the means and
 the paired bootstrap interval of the gain (``medjax.registration.pair_metrics``,
 ``medjax.evaluation.stats.paired_bootstrap``).
 """

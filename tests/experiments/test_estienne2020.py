@@ -554,3 +554,66 @@ def test_memory_error_names_the_fields_that_drive_the_step():
     cfg = _config("data=oasis", "oasis_crop=(160,176,208)")
     text = _memory_fields(load_experiment("estienne2020").build(cfg), cfg)
     assert "batch_size=2" in text and "oasis_crop=(160, 176, 208)" in text and "model.f=4" in text
+
+
+def _real_brains_module():
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "experiments/estienne2020/real_brains.py"
+    spec = importlib.util.spec_from_file_location("real_brains", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_brains_tissues_and_block_averages():
+    rb = _real_brains_module()
+    # FreeSurfer: 4/43 lateral ventricles and 24 CSF -> CSF; 3 cortex, 17 hippocampus -> grey;
+    # 2/41 white matter, 16 brainstem -> white matter and the rest; 0 background
+    seg = np.array([0, 4, 43, 24, 3, 17, 2, 41, 16])
+    assert rb.tissues(seg).tolist() == [0, 1, 1, 1, 2, 2, 3, 3, 3]
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=(5, 4, 4)).astype(np.float32)  # 5 -> cropped to 4
+    lab = np.zeros((5, 4, 4), np.int64)
+    lab[:2, :2, :2] = 2
+    lab[0, 0, 0] = 1  # a minority voxel: the block keeps its majority
+    image, labels = rb.downsample(vol, lab, 2)
+    assert image.shape == labels.shape == (2, 2, 2)
+    for i, j, k in np.ndindex(2, 2, 2):
+        block = vol[2 * i : 2 * i + 2, 2 * j : 2 * j + 2, 2 * k : 2 * k + 2]
+        assert np.isclose(image[i, j, k], block.mean())
+    assert labels[0, 0, 0] == 2 and labels[1, 1, 1] == 0
+
+
+def test_real_brains_folder_and_held_out_evaluation(tmp_path, shared_data):
+    """The folder from VoxelMorph's scan (8 mm here), then the held-out evaluation through medjax
+    predict with the identity model: Dice after equals before, and before is the hand-computed
+    mean tissue Dice of each pair."""
+    rb = _real_brains_module()
+    scan = shared_data / "voxelmorph" / "test_scan.npz"
+    folders = rb.make_folder(tmp_path / "brains", scan, n=4, spacing=8, seed=3)
+    assert [f.name for f in folders] == [f"OASIS_OAS1_000{k}_MR1" for k in range(1, 5)]
+    imgs = [nib.load(str(f / "aligned_norm.nii.gz")) for f in folders]
+    labs = [np.asarray(nib.load(str(f / "aligned_seg4.nii.gz")).dataobj) for f in folders]
+    assert all(i.shape == (20, 24, 28) for i in imgs) and np.allclose(
+        imgs[0].affine[:3, :3], 8 * np.eye(3)
+    )
+    assert set(np.unique(labs[0])) == {0, 1, 2, 3} and not np.array_equal(labs[0], labs[1])
+    work = tmp_path / "identity"
+    work.mkdir()
+    from medjax.train.config import config_to_json
+
+    cfg = _config("model.kind=identity", "synthetic.num_modalities=1")
+    (work / "config.json").write_text(config_to_json(cfg))
+    res = rb.evaluate_held_out(work, tmp_path / "brains", log=lambda s: None)
+    assert res["pairs"] == [
+        "OASIS_OAS1_0001_MR1 -> OASIS_OAS1_0002_MR1",
+        "OASIS_OAS1_0003_MR1 -> OASIS_OAS1_0004_MR1",
+    ]
+    assert res["dice_after"] == pytest.approx(res["dice_before"], abs=1e-9)
+    for k, (m, f) in enumerate(((labs[0], labs[1]), (labs[2], labs[3]))):
+        hand = np.mean([2 * np.sum((m == c) & (f == c)) / (np.sum(m == c) + np.sum(f == c))
+                        for c in (1, 2, 3) if (f == c).any()])  # fmt: skip
+        assert res["dice_before"][k] == pytest.approx(hand)
+    assert res["gain"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert json.loads((work / "held_out.json").read_text())["pairs"] == res["pairs"]
