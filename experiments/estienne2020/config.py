@@ -55,7 +55,7 @@ COMPARE_ROWS = {
     # (a)'s trained model (medjax compare reuses its checkpoints: only eval.* differs), its field
     # refined per pair at test time by (g)'s optimisation started from it (medjax predict --refine).
     "h_joint_refined": (
-        "(h) (a) + test-time refinement, 300 steps",
+        "(h) (a)'s model",
         [
             "model.kind=joint",
             "model.merge=subtract",
