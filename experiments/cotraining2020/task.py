@@ -593,13 +593,16 @@ class Experiment(medjax.train.Experiment):
             cfg["ema_warmup_steps"] = self.config.ema.warmup
         return make_optimizer(cfg)
 
+    def prepare(self):
+        """Before training: load (and check) every volume, so that data errors come first."""
+        _ = self.data
+
     def init_state(self, rng):
         """Every network of the method: ``organ`` (the single-organ models), ``net`` or ``a``/``b``.
 
         Network i is initialised from ``fold_in(rng, i)`` (so ``a`` and ``b`` differ) and draws its
         step keys from ``fold_in(rng, 1000 + i)``.
         """
-        _ = self.data  # load (and check) every volume before training starts: errors come first
         key = jax.random.wrap_key_data(jnp.asarray(rng))
         x = jnp.zeros((1, *self.layout.plane, 2 * self.context + 1), jnp.float32)
 

@@ -404,6 +404,10 @@ class Experiment(medjax.train.Experiment):
         """The data (built on first use: ``predict`` needs no training folder)."""
         return make_data(self.config)
 
+    def prepare(self):
+        """Before training: read the data (a bad folder or crop is the first line a user sees)."""
+        _ = self.data
+
     # ---------------------------------------------------------------- training
 
     def init_state(self, rng):

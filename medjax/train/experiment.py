@@ -60,7 +60,7 @@ class Experiment:
     """Base class of an experiment's ``task.py``; the engine (``medjax.train.fit``) drives it.
 
     Subclasses implement ``init_state``, ``train_step``, ``train_iterator`` and ``evaluate``, and
-    optionally ``validate`` (with ``eval_metric``/``eval_mode``) and ``predict``.
+    optionally ``prepare``, ``validate`` (with ``eval_metric``/``eval_mode``) and ``predict``.
     """
 
     #: name of the ``validate()`` entry used for best-checkpoint tracking and reduce-on-plateau.
@@ -70,6 +70,12 @@ class Experiment:
 
     def __init__(self, config):
         self.config = config
+
+    def prepare(self):
+        """Optional: read and check the training data. ``fit`` calls it first, before the state is
+        initialised or restored and before its first progress line, so that a bad folder is the
+        first thing a user reads; ``eval`` and ``predict`` do not call it (a model restored for
+        predict needs no training data, so ``init_state`` should not read it either)."""
 
     def init_state(self, rng):
         """Return the initial train state (a TrainState or a dict of them) from a raw PRNG key."""

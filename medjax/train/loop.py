@@ -638,6 +638,9 @@ def fit(experiment, config, workdir, *, mesh=None, interactive=None, stream=None
     Raises ``NonFiniteLossError`` naming the step on a NaN/Inf loss, keeping the last good
     checkpoint, and ``ValueError`` for an iterator that cannot be resumed (no ``get_state``).
     """
+    prepare = getattr(experiment, "prepare", None)
+    if callable(prepare):
+        prepare()  # the training data's errors come before anything is written or printed
     run = _Run(experiment, config, workdir, mesh, interactive, stream)
     try:
         return run.run()

@@ -374,3 +374,32 @@ def test_a_step_that_cannot_fit_stops_before_the_first_step(tmp_path, monkeypatc
     monkeypatch.setenv("MEDJAX_DEVICE_MEMORY_BYTES", str(2**30))
     _, summary = _run(tmp_path, "num_steps=3")
     assert summary["step"] == 3
+
+
+def test_prepare_runs_first_and_its_error_stops_before_anything(tmp_path):
+    """Experiment.prepare() is called before the state is initialised and before any progress
+    line; an error there leaves no work directory behind."""
+    cfg = load_config("toy", None, ["num_steps=2"], directory=TOY)
+    exp = load_experiment("toy", directory=TOY).build(cfg)
+    calls = []
+    init = exp.init_state
+
+    def prepare():
+        calls.append("prepare")
+
+    def init_state(rng):
+        calls.append("init_state")
+        return init(rng)
+
+    exp.prepare, exp.init_state = prepare, init_state
+    stream = io.StringIO()
+    fit(exp, cfg, tmp_path / "ok", stream=stream, interactive=False)
+    assert calls[0] == "prepare" and "init_state" in calls[1:]
+
+    def bad():
+        raise ValueError("config.data_dir: no such folder")
+
+    exp.prepare, stream = bad, io.StringIO()
+    with pytest.raises(ValueError, match="no such folder"):
+        fit(exp, cfg, tmp_path / "bad", stream=stream, interactive=False)
+    assert stream.getvalue() == "" and not (tmp_path / "bad").exists()
