@@ -26,7 +26,7 @@ import pathlib
 import time
 
 from medjax.evaluation.report import results_table
-from medjax.train.config import config_to_json, load_config
+from medjax.train.config import EVAL_PREFIX, config_to_json, flat_dict, load_config
 from medjax.train.logging import write_text_atomic
 
 __all__ = ["compare", "rows_of", "select_rows"]
@@ -84,19 +84,9 @@ def _twin(workdir: pathlib.Path, config_dict: dict) -> dict | None:
     return None
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _training_of(config_dict: dict) -> dict:
     """The settings that make the trained model: every field but the evaluation-only ``eval.*``."""
-    return {k: v for k, v in _flat(config_dict).items() if not k.startswith("eval.")}
+    return {k: v for k, v in flat_dict(config_dict).items() if not k.startswith(EVAL_PREFIX)}
 
 
 def _trained_twin(workdir: pathlib.Path, config_dict: dict, step: int) -> pathlib.Path | None:

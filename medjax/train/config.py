@@ -18,6 +18,7 @@ __all__ = [
     "apply_overrides",
     "config_from_json",
     "config_to_json",
+    "flat_dict",
     "flat_keys",
     "load_config",
     "parse_value",
@@ -40,6 +41,9 @@ DEFAULT_FIELDS = {
     "resume_check": True,
 }
 
+#: Prefix of the evaluation-only settings (``eval.refine_steps``, ...): they never change a trained model.
+EVAL_PREFIX = "eval."
+
 #: Fields that may change between a run and its resumption (length, logging, bookkeeping), and
 #: prefixes of evaluation-only settings; every other difference makes ``fit`` refuse to resume.
 RESUMABLE_CHANGES = (
@@ -53,7 +57,7 @@ RESUMABLE_CHANGES = (
     "tensorboard",
     "resume_check",
     "early_stopping",
-    "eval.",
+    EVAL_PREFIX,
 )
 
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -228,19 +232,20 @@ def load_config(name: str, variant=None, overrides=(), *, directory=None):
     return validate_config(config)
 
 
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's JSON) as ``{"dotted.key": value}`` (an empty dict stays a value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
     """``"key: saved -> current"`` for every dotted key whose value differs (except RESUMABLE_CHANGES)."""
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(jsonable(saved)), flat(jsonable(current))
+    a, b = flat_dict(jsonable(saved)), flat_dict(jsonable(current))
     free = tuple(r.rstrip(".") for r in RESUMABLE_CHANGES) + ("experiment",)
     changes = []
     for key in sorted(set(a) | set(b)):
