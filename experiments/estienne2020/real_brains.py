@@ -17,9 +17,10 @@ Ten subjects leave one test pair in the experiment's split. For more, register h
 
     python experiments/estienne2020/real_brains.py HELD_OUT_DIR --seed 1 --n 20 --evaluate WORKDIR
 
-writes the folder if it is not there, runs ``medjax predict`` (``--refine N`` passed on) on the
-disjoint pairs (subject 2k moving onto 2k + 1), warps the moving tissue labels with each predicted
-displacement (nearest neighbour), and prints and writes to ``WORKDIR/held_out.json``
+writes the folder if it is not there, restores the model once and registers the disjoint pairs
+(subject 2k moving onto 2k + 1) with the experiment's ``predict``, what ``medjax predict`` runs
+(``--refine N`` passed on), warps the moving tissue labels with each predicted displacement
+(nearest neighbour), and prints and writes to ``WORKDIR/held_out.json``
 (``held_out_refineN.json``) the tissue Dice before and after per pair, the folding, the means and
 the paired bootstrap interval of the gain (``medjax.registration.pair_metrics``,
 ``medjax.evaluation.stats.paired_bootstrap``).
@@ -97,10 +98,10 @@ def make_folder(out, scan, *, n=10, spacing=4, seed=0):
 
 
 def evaluate_held_out(workdir, folder, *, refine=0, log=print):
-    """Register the disjoint pairs of ``folder`` (OASIS layout, aligned_seg4) with ``medjax
-    predict`` and the model of ``workdir``; returns (and writes to ``workdir/held_out.json``) the
+    """Register the disjoint pairs of ``folder`` (OASIS layout, aligned_seg4) with the model of
+    ``workdir`` (restored once; the experiment's ``predict``, what ``medjax predict`` runs); returns (and writes to ``workdir/held_out.json``) the
     per-pair tissue Dice before/after, their means and the paired bootstrap of the gain.
-    ``refine`` > 0 passes ``--refine`` to predict (test-time refinement of every field) and writes
+    ``refine`` > 0 passes ``refine`` to predict (test-time refinement of every field) and writes
     ``held_out_refine<N>.json`` instead."""
     import json
     import time
@@ -108,28 +109,27 @@ def evaluate_held_out(workdir, folder, *, refine=0, log=print):
     import nibabel as nib
 
     from medjax import registration
-    from medjax.cli import main as medjax_main
     from medjax.evaluation.stats import paired_bootstrap
+    from medjax.train.config import config_from_json
+    from medjax.train.experiment import load_experiment
+    from medjax.train.workdir import restore_for_eval
 
     subjects = sorted(pathlib.Path(folder).glob("OASIS_OAS1_*_MR1"))
     if len(subjects) < 2:
         raise SystemExit(
             f"{folder}: expected at least 2 OASIS_OAS1_*_MR1 subjects, got {len(subjects)}"
         )
+    config = config_from_json(json.loads((pathlib.Path(workdir) / "config.json").read_text()))
+    experiment, state, _ = restore_for_eval(load_experiment("estienne2020"), config, workdir)
+    load = lambda p: np.asarray(nib.load(str(p)).dataobj)  # noqa: E731
     pairs, before, after, folding, t0 = [], [], [], [], time.perf_counter()
     name = f"held_out_refine{refine}" if refine else "held_out"
     out_root = pathlib.Path(workdir) / name
     for k in range(len(subjects) // 2):
         mov, fix = subjects[2 * k], subjects[2 * k + 1]
         out = out_root / f"pair{k}"
-        args = ["predict", "--workdir", str(workdir), "--out", str(out)]
-        args += ["--refine", str(refine)] if refine else []
-        code = medjax_main(
-            [*args, str(mov / "aligned_norm.nii.gz"), str(fix / "aligned_norm.nii.gz")]
-        )
-        if code != 0:
-            raise SystemExit(f"medjax predict failed on {mov.name} -> {fix.name} (exit {code})")
-        load = lambda p: np.asarray(nib.load(str(p)).dataobj)  # noqa: E731
+        inputs = [mov / "aligned_norm.nii.gz", fix / "aligned_norm.nii.gz"]
+        experiment.predict(state, inputs, out, refine=int(refine))
         disp = load(out / "displacement.nii.gz").astype(np.float32)[None]
         images = [load(s / "aligned_norm.nii.gz").astype(np.float32)[..., None] for s in (mov, fix)]
         labels = [load(s / "aligned_seg4.nii.gz").astype(np.int32) for s in (mov, fix)]
