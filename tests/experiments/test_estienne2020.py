@@ -586,8 +586,8 @@ def test_real_brains_tissues_and_block_averages():
 
 
 def test_real_brains_folder_and_held_out_evaluation(tmp_path, shared_data):
-    """The folder from VoxelMorph's scan (8 mm here), then the held-out evaluation through medjax
-    predict with the identity model: Dice after equals before, and before is the hand-computed
+    """The folder from VoxelMorph's scan (8 mm here), then the held-out evaluation through the
+    experiment's predict with the identity model: Dice after equals before, and before is the hand-computed
     mean tissue Dice of each pair."""
     rb = _real_brains_module()
     scan = shared_data / "voxelmorph" / "test_scan.npz"
