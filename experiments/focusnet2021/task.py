@@ -38,7 +38,7 @@ import medjax.train
 from medjax import figures as F
 from medjax.data import datasets, pipeline
 from medjax.data.datasets import PDDCA_STRUCTURES
-from medjax.data.io import load_image, resample_image
+from medjax.data.io import load_image, resample_image, unresample
 from medjax.data.synthetic_headneck import headneck_phantom
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
@@ -218,8 +218,6 @@ def prepare_volume(image, spacing, inplane, *, is_ct=True, pad_value=AIR):
     if is_ct and not image.is_label:
         vol = (vol + 100.0) / 1000.0
     vol, offsets = centre_crop_or_pad(vol, inplane, 0 if image.is_label else pad_value)
-    oriented_shape = oriented.spatial_shape
-    scale = np.asarray(spacing, np.float64) / np.asarray(oriented.spacing, np.float64)
     grid_shape = resampled.spatial_shape
 
     def restore(labels, order=0):
@@ -235,8 +233,8 @@ def prepare_volume(image, spacing, inplane, *, is_ct=True, pad_value=AIR):
                 size = lab.shape[k]
                 src[k], dst[k] = slice(0, size), slice(-off, -off + size)
         full[tuple(dst)] = lab[tuple(src)]
-        back = ndimage.affine_transform(
-            full, 1.0 / scale, output_shape=oriented_shape, order=order, mode="nearest"
+        back = unresample(
+            full, oriented.spatial_shape, oriented.spacing, resampled.spacing, order=order
         )
         return np.ascontiguousarray(apply_orientation(back, to_file))
 

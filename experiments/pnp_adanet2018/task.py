@@ -46,7 +46,7 @@ import optax
 import medjax.train
 from medjax import figures as F
 from medjax.data import datasets, pipeline, synthetic_cardiac, transforms
-from medjax.data.io import Image, load_image, load_label, orient_back, reorient
+from medjax.data.io import Image, load_image, load_label, orient_back, reorient, unresample
 from medjax.evaluation.report import gain_cell, markdown_table, mean_std
 from medjax.evaluation.segmentation import Prepared, evaluate_segmentation, predict_files
 from medjax.evaluation.stats import paired_bootstrap
@@ -138,18 +138,6 @@ def resample(image: Image, spacing) -> Image:
     if np.allclose(image.spacing, np.broadcast_to(spacing, (3,)), rtol=1e-5, atol=1e-6):
         return image
     return resample_image(image, spacing)
-
-
-def _restore_grid(labels, shape_before, spacing_before, spacing_after):
-    """Labels on the resampled grid -> the grid before resampling (nearest neighbour)."""
-    from scipy import ndimage
-
-    if tuple(labels.shape) == tuple(shape_before) and np.allclose(spacing_before, spacing_after):
-        return labels
-    scale = np.asarray(spacing_before, np.float64) / np.asarray(spacing_after, np.float64)
-    return ndimage.affine_transform(
-        labels, scale, output_shape=tuple(shape_before), order=0, mode="nearest"
-    )
 
 
 def map_labels(raw):
@@ -1220,7 +1208,7 @@ class Experiment(medjax.train.Experiment):
                 full[:, r0 : r0 + net.shape[1], c0 : c0 + net.shape[2]] = labels
             else:
                 full = labels[:, r0 : r0 + h, c0 : c0 + w]
-            full = _restore_grid(full, canon.spatial_shape, canon.spacing, res.spacing)
+            full = unresample(full, canon.spatial_shape, canon.spacing, res.spacing)
             return orient_back(full, image.affine, CANONICAL)
 
         return Prepared(image=net[..., None], restore=restore)

@@ -30,6 +30,7 @@ __all__ = [
     "reorient_to_ras",
     "resample_image",
     "resample_to",
+    "unresample",
     "same_grid",
     "save_image",
 ]
@@ -298,6 +299,25 @@ def resample_image(image: Image, spacing: float | Sequence[float]) -> Image:
     affine = image.affine.copy()
     affine[:3, :n] = affine[:3, :n] * scale[None, :]
     return image.replace(array=array, affine=affine)
+
+
+def unresample(array, shape, spacing, resampled_spacing, *, order: int = 0) -> np.ndarray:
+    """The inverse of :func:`resample_image` for a map on its grid: ``array`` (``(*S')``, on the
+    grid of voxel size ``resampled_spacing``) back onto the grid of ``shape`` and ``spacing`` that
+    was resampled (the first voxel centre shared; nearest neighbour for ``order`` 0, e.g. labels).
+    Returns ``array`` itself when the grids are the same."""
+    from scipy import ndimage
+
+    a = np.asarray(array)
+    shape = tuple(int(v) for v in shape)
+    before = np.broadcast_to(np.asarray(spacing, np.float64), (len(shape),))
+    after = np.broadcast_to(np.asarray(resampled_spacing, np.float64), (len(shape),))
+    if a.shape == shape and np.allclose(before, after):
+        return a
+    # resampled voxel coordinate = (before / after) * original voxel coordinate
+    return ndimage.affine_transform(
+        a, before / after, output_shape=shape, order=int(order), mode="nearest"
+    )
 
 
 def same_grid(a: Image, b: Image, *, atol: float = 1e-3) -> bool:
