@@ -95,18 +95,67 @@ def test_conv_transpose_matches_torch(case):
     chex.assert_trees_all_close(y, ty, atol=2e-5)
 
 
-def test_grouped_conv_transpose_cpu_kernel_equals_the_grouped_convolution(monkeypatch):
-    """On CPU a grouped transposed conv runs as an ungrouped one with a block-diagonal kernel."""
+OVERLAP_CASES = [
+    # ndim, cin, cout, kernel, stride, padding, output_padding, groups, input size
+    (3, 8, 4, 4, 2, 1, 0, 4, 3),  # SkipDenseNet3D's first up-block
+    (3, 8, 4, 18, 16, 1, 0, 4, 2),  # ... and its last (stride 16)
+    (3, 6, 3, 6, 4, 1, 0, 3, 3),
+    (2, 3, 5, 3, 2, 1, 1, 1, 4),  # output_padding
+    (2, 2, 3, 2, 3, 0, 2, 1, 3),  # kernel < stride, output_padding past the last tap
+    (2, 3, 2, 5, 1, 2, 0, 1, 4),  # stride 1
+]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_cpu_overlap_add_conv_transpose_matches_torch_forward_and_gradients(case, monkeypatch):
+    """On CPU a (dilation-1) transposed conv is a matrix product and an overlap-add, not XLA's
+    input-dilated convolution: output and both gradients equal torch's."""
+    torch = require_reference("torch")
     from medjax.nn import conv as mconv
 
     monkeypatch.setattr(mconv, "enabled", True)  # the suite runs with XLA's convolution
-    x = _x((1, 2, 2, 2, 12), 2)
-    m = layers.ConvTranspose(4, 6, strides=4, padding=1, groups=4, use_bias=False)
+    ndim, cin, cout, k, s, p, op, g, n = case
+    tconv = (torch.nn.ConvTranspose2d if ndim == 2 else torch.nn.ConvTranspose3d)(
+        cin, cout, k, stride=s, padding=p, output_padding=op, groups=g, bias=False
+    )
+    x = _x((2,) + (n,) * ndim + (cin,), 1)
+    m = layers.ConvTranspose(
+        cout, k, strides=s, padding=p, output_padding=op, groups=g, use_bias=False
+    )
+    v = _load(m, x, tconv, [("", "", "conv_transpose")])
+    tx = _nchw(x).requires_grad_(True)
+    ty = tconv(tx)
+    cot = _x(tuple(_nhwc(ty).shape), 2)
+    (ty * _nchw(cot)).sum().backward()
+
+    def f(v, x):
+        return jnp.sum(m.apply(v, x) * cot)
+
+    y = np.asarray(jax.jit(m.apply)(v, x))
+    gv, gx = jax.jit(jax.grad(f, argnums=(0, 1)))(v, x)
+    assert y.shape == _nhwc(ty).shape
+    chex.assert_trees_all_close(y, _nhwc(ty), atol=2e-5)
+    chex.assert_trees_all_close(np.asarray(gx), _nhwc(tx.grad), atol=1e-4)
+    tgrad = np.moveaxis(tconv.weight.grad.numpy(), (0, 1), (-2, -1))  # (C, F/g, *K) -> (*K, C, F/g)
+    chex.assert_trees_all_close(np.asarray(gv["params"]["kernel"]), tgrad, atol=1e-4)
+    text = jax.jit(m.apply).lower(v, x).as_text()
+    assert "lhs_dilate" not in text  # no input-dilated convolution left
+
+
+def test_grouped_dilated_conv_transpose_cpu_kernel_equals_the_grouped_convolution(monkeypatch):
+    """On CPU a grouped, dilated transposed conv runs as an ungrouped one with a block-diagonal
+    kernel (XLA:CPU's grouped input-dilated convolution is about 1000x slower)."""
+    from medjax.nn import conv as mconv
+
+    monkeypatch.setattr(mconv, "enabled", True)
+    x = _x((1, 3, 3, 3, 12), 2)
+    m = layers.ConvTranspose(4, 3, strides=2, padding=1, groups=4, dilation=2, use_bias=False)
     v = m.init(jax.random.key(0), x)
     y = np.asarray(jax.jit(m.apply)(v, x))
     monkeypatch.setattr(mconv, "enabled", False)  # the grouped lax convolution
     ref = np.asarray(jax.jit(m.apply)(v, x))
-    assert y.shape == (1, 8, 8, 8, 4)
+    assert y.shape == (1, 7, 7, 7, 4)
     chex.assert_trees_all_close(y, ref, atol=1e-5)
 
 
