@@ -44,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -171,8 +172,20 @@ def _zoo_cases():
     }
 
 
-#: system -> () -> {row name: Case}
-SYSTEMS = {"medicalzoo": _zoo_cases}
+def _system_cases():
+    """The networks of the other systems (``benchmarks/_systems.py``: a ``Spec`` each)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _systems
+
+    return _systems.cases()
+
+
+#: system -> () -> {row name: Case or _systems.Spec}
+SYSTEMS = {"medicalzoo": _zoo_cases, "systems": _system_cases}
+
+
+def _is_spec(case):
+    return not isinstance(case, Case)
 
 
 def _parse():
@@ -192,6 +205,7 @@ def _parse():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch re-creations")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", nargs=3, metavar=("LIB", "CASE", "SIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--exchange", default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -231,6 +245,8 @@ def _inputs(case, size, seed=0):
 
 def _sizes(case, size):
     """The sizes to try, largest first: ``size``, the fallbacks, the smallest the network takes."""
+    if _is_spec(case):
+        return [size]
     smallest = max(case.min_size, case.multiple)
     if case.dim:
         smallest = max(smallest, 16)
@@ -304,14 +320,22 @@ def medjax_worker(case, size, args):
     import jax.numpy as jnp
     import optax
 
-    x, y = (jnp.asarray(a) for a in _inputs(case, size))
-    _, variables, forward, loss = _medjax_fns(case, size)
+    if _is_spec(case):
+        shape = case.shape(size)
+        inp = case.inputs(shape)
+        variables, forward, loss = case.medjax(shape, inp)
+        x = {k: jnp.asarray(v) for k, v in inp.items()}
+        y = None
+    else:
+        x, y = (jnp.asarray(a) for a in _inputs(case, size))
+        _, variables, forward, loss = _medjax_fns(case, size)
     params = variables["params"]
     state = {k: v for k, v in variables.items() if k != "params"}
     tx = optax.sgd(1e-2, momentum=0.5)
 
     def step(p, o, s, x, y, key):
-        (value, s), g = jax.value_and_grad(loss, has_aux=True)(p, s, x, y, key)
+        args = (x, key) if y is None else (x, y, key)
+        (value, s), g = jax.value_and_grad(loss, has_aux=True)(p, s, *args)
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, s, value
 
@@ -344,6 +368,14 @@ def medjax_worker(case, size, args):
         ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
     ) / 2**20
 
+    if args.exchange:  # the forward outputs (and parameters) the torch worker compares with
+        import numpy as np
+        from _systems import _flat
+
+        outs = compiled_fwd(variables, x)
+        np.savez(args.exchange, **{f"out{i}": np.asarray(o) for i, o in enumerate(outs)})
+        flat = _flat(jax.tree.map(np.asarray, dict(variables["params"])))
+        np.savez(pathlib.Path(args.exchange).with_suffix(".params.npz"), **flat)
     rss0 = _maxrss_mib()
     out["forward_s"] = _timed(
         lambda: jax.block_until_ready(compiled_fwd(variables, x)), args.repeats, args.long
@@ -370,6 +402,8 @@ def torch_worker(case, size, args):
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
+    if _is_spec(case):
+        return _spec_torch_worker(torch, case, size, args)
     net = case.torch(size)
     x, y = _inputs(case, size)
     tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
@@ -422,6 +456,43 @@ def torch_worker(case, size, args):
     return out
 
 
+def _spec_torch_worker(torch, case, size, args):
+    """The torch side of a system row: parity with the medjax outputs, then the same timings."""
+    import numpy as np
+    from _systems import _exchange_check
+
+    shape = case.shape(size)
+    net, forward, loss = case.torch(shape, case.inputs(shape), pathlib.Path(args.exchange))
+    module = net if isinstance(net, torch.nn.Module) else None
+    params = list(module.parameters()) if module is not None else list(net)
+    out = {"parameters": int(sum(p.numel() for p in params))}
+    if module is not None:
+        module.eval()
+    with torch.no_grad():
+        outs = [np.moveaxis(o.numpy(), 1, -1) for o in forward()]
+    out["parity_max_abs_diff"], out["parity_max_abs_output"] = _exchange_check(args.exchange, outs)
+    rss0 = _maxrss_mib()
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    out["forward_s"] = _timed(fwd, args.repeats, args.long)
+    if module is not None:
+        module.train()
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    out["train_s"] = _timed(step, args.train_repeats, args.long)
+    out["peak_rss_increase_mib"] = _maxrss_mib() - rss0
+    out["version"] = torch.__version__
+    return out
+
+
 def peak_worker(args):
     """GFLOP/s of a jitted 2048x2048 float32 matmul (XLA), the machine's measured peak here."""
     import jax
@@ -448,7 +519,7 @@ def _worker(args):
     print("RESULT " + json.dumps(fn(case, int(size), args)))
 
 
-def _run_worker(lib, name, size, args):
+def _run_worker(lib, name, size, args, exchange=None):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
         env.get("XLA_FLAGS", "")
@@ -458,6 +529,8 @@ def _run_worker(lib, name, size, args):
     cmd = [sys.executable, __file__, "--worker", lib, name, str(size), "--system", args.system]
     for flag in ("repeats", "train_repeats", "long", "threads", "max_mib"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if exchange is not None:
+        cmd += ["--exchange", str(exchange)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -467,6 +540,13 @@ def _run_worker(lib, name, size, args):
         "error": (proc.stderr or proc.stdout)[-1500:],
         "worker_wall_s": time.perf_counter() - t0,
     }
+
+
+def _last_error(text):
+    """The exception line of a worker's stderr (JAX appends a note on filtered frames after it)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]]
+    return (errors or lines)[-1]
 
 
 def _row(system, name, size, m, t, peak):
@@ -491,11 +571,14 @@ def _row(system, name, size, m, t, peak):
             row[f"{kind}_ratio"] = row[f"medjax_{kind}_ms"] / row[f"torch_{kind}_ms"]
     if t:
         row["torch_parameters"] = t.get("parameters")
+        for key in ("parity_max_abs_diff", "parity_max_abs_output"):
+            if key in t:
+                row[key] = t[key]
         row["torch_peak_rss_increase_mib"] = t.get("peak_rss_increase_mib")
         if t.get("error"):
-            row["torch_error"] = t["error"].strip().splitlines()[-1]
+            row["torch_error"] = _last_error(t["error"])
     if m.get("error"):
-        row["medjax_error"] = m["error"].strip().splitlines()[-1]
+        row["medjax_error"] = _last_error(m["error"])
     return row
 
 
@@ -520,15 +603,24 @@ def main(args):
         f"{args.system}: measured XLA float32 matmul peak {peak:.0f} GFLOP/s, load {load_before[0]:.1f}"
     )
     rows = []
+    scratch = tempfile.TemporaryDirectory(prefix="medjax-bench-")
     for name in names:
         case = cases[name]
+        exchange = pathlib.Path(scratch.name) / f"{name}.npz" if _is_spec(case) else None
         for size in _sizes(case, args.size):
-            m = _run_worker("medjax", name, size, args)
+            m = _run_worker("medjax", name, size, args, exchange)
             if not m.get("too_big"):
                 break
             print(f"  {name}: the {size}^3 step plans {m['train_xla_mib']:.0f} MiB; trying smaller")
-        t = _run_worker("torch", name, size, args) if has_torch else None
+        has_reference = not _is_spec(case) or case.torch is not None
+        t = None
+        if has_torch and has_reference and not m.get("error"):
+            t = _run_worker("torch", name, size, args, exchange)
         row = _row(args.system, name, size, m, t, peak)
+        if _is_spec(case):
+            row["shape"] = "x".join(map(str, case.shape(size)))
+            row["loss"] = case.loss_text
+            row["reference"] = case.reference
         rows.append(row)
         print("  " + _line(row), flush=True)
     out = pathlib.Path(args.out)
@@ -537,7 +629,7 @@ def main(args):
         r for r in record["rows"] if r.get("system") != args.system or r["network"] not in names
     ]
     record["rows"] += rows
-    record["meta"][args.system] = {
+    meta = {
         "size": args.size,
         "batch": 1,
         "threads": args.threads,
@@ -549,7 +641,9 @@ def main(args):
         "wall_s": time.perf_counter() - t_start,
         "xla_matmul_gflops": peak,
         "train_step": "forward + backward + SGD (momentum 0.5, lr 1e-2); MedicalZoo Dice (softmax, "
-        "squared, batch-pooled); + DenseVoxelNet's second head, ResNet3dVAE's 0.1 L2 + 0.1 KL",
+        "squared, batch-pooled); + DenseVoxelNet's second head, ResNet3dVAE's 0.1 L2 + 0.1 KL"
+        if args.system == "medicalzoo"
+        else "forward + backward + SGD (momentum 0.5, lr 1e-2) on each row's stand-in loss (below)",
         "reference": "the PyTorch re-creations of the parity tests (tests/models/test_*.py)"
         if has_torch
         else None,
@@ -557,6 +651,12 @@ def main(args):
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    previous = record["meta"].get(args.system)
+    kept = {r["network"] for r in record["rows"] if r.get("system") == args.system} - set(names)
+    if previous and kept:  # a partial run: the table's run stays, this one is listed under it
+        later = [p for p in previous.get("later_runs", []) if set(p["rows"]) - set(names)]
+        meta = {**previous, "later_runs": later + [{**meta, "rows": names}]}
+    record["meta"][args.system] = meta
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record) + "\n")
@@ -606,8 +706,9 @@ def markdown(record):
                 f"{_fmt(100 * (r.get('torch_train_share_of_peak') or float('nan')), '.1f')}"
             )
             err = r.get("medjax_error") or r.get("torch_error")
+            size = r.get("shape") or f"{r['size']}^3"
             lines.append(
-                f"| {r['network']} | {r['size']}^3 | {_fmt(r.get('parameters'), ',')} | {flops} | "
+                f"| {r['network']} | {size} | {_fmt(r.get('parameters'), ',')} | {flops} | "
                 f"{g('medjax_forward_ms', '.0f')} / {g('torch_forward_ms', '.0f')} "
                 f"({g('forward_ratio', '.2f')}) | {g('medjax_train_ms', '.0f')} / "
                 f"{g('torch_train_ms', '.0f')} ({g('train_ratio', '.2f')}) | {pct} | "
@@ -615,6 +716,30 @@ def markdown(record):
                 f"{g('medjax_train_xla_mib', '.0f')} / {g('torch_peak_rss_increase_mib', '.0f')}"
                 f"{' (' + err + ')' if err else ''} |"
             )
+        for run in meta.get("later_runs", []):
+            lines.append(
+                f"\nRe-measured later, in a run of their own: {', '.join(run['rows'])} "
+                f"({run['time']}, load average {run['load_average_before'][0]:.1f} before, "
+                f"{run['load_average_after'][0]:.1f} after; matmul peak "
+                f"{run['xla_matmul_gflops']:.0f} GFLOP/s)."
+            )
+        specs = [r for r in rows if "reference" in r]
+        if specs:
+            lines += [
+                "",
+                "Each row's PyTorch side, its agreement with medjax (largest absolute "
+                "difference of the forward outputs, the outputs' largest magnitude), and "
+                "its loss:",
+                "",
+            ]
+            for r in specs:
+                agree = (
+                    f"max |diff| {r['parity_max_abs_diff']:.1e} on outputs up to "
+                    f"{r['parity_max_abs_output']:.1e}"
+                    if "parity_max_abs_diff" in r
+                    else "not compared"
+                )
+                lines.append(f"- {r['network']}: {r['reference']}; {agree}; loss: {r['loss']}")
         lines.append("")
     return "\n".join(lines)
 
