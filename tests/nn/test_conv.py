@@ -73,7 +73,25 @@ _DISPATCH = [
     # GPU/TPU, grouped, dilated, channels-first or even kernels keep the library convolution.
     ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {"backend": "gpu"}, "xla"),
     ((2, 32, 32, 32, 4), (3, 3, 3, 2, 4), (1, 1, 1), "SAME", {"feature_group_count": 2}, "xla"),
-    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (1, 1, 1), "SAME", {"rhs_dilation": (2, 2, 2)}, "xla"),
+    # dilated, stride 1: space to batch when every dilated axis is long enough
+    (
+        (2, 32, 32, 32, 4),
+        (3, 3, 3, 4, 4),
+        (1, 1, 1),
+        "SAME",
+        {"rhs_dilation": (2, 2, 2)},
+        "dilated",
+    ),
+    (
+        (1, 4, 16, 16, 64),
+        (3, 3, 3, 64, 32),
+        (1, 1, 1),
+        "SAME",
+        {"rhs_dilation": (1, 3, 3)},
+        "dilated",
+    ),
+    ((1, 4, 16, 16, 64), (3, 3, 3, 64, 32), (1, 1, 1), "SAME", {"rhs_dilation": (1, 6, 6)}, "xla"),
+    ((2, 32, 32, 32, 4), (3, 3, 3, 4, 4), (2, 2, 2), "SAME", {"rhs_dilation": (2, 2, 2)}, "xla"),
     (
         (2, 4, 32, 32, 32),
         (4, 4, 3, 3, 3),
@@ -355,3 +373,43 @@ def test_canonical_gradients_inside_a_loop_use_the_forward_layout():
         pytest.skip("the rewrite is CPU-only")
     assert _loop_dim_labels(conv.canonical_gradients) == {"b01f_01io->b01f"}
     assert _loop_dim_labels(contextlib.nullcontext) != {"b01f_01io->b01f"}  # what it fixes
+
+
+_DILATED = [
+    # (input shape without channels, cin, cout, kernel, dilation, padding)
+    ((1, 12, 12, 12), 3, 4, (3, 3, 3), (2, 2, 2), "SAME"),
+    ((2, 5, 13, 14), 2, 3, (3, 3, 3), (1, 3, 3), "SAME"),  # FocusNetV2's in-plane dilation
+    ((1, 11, 9, 10), 2, 2, (3, 3, 3), (2, 1, 2), [(1, 3), (0, 0), (2, 2)]),  # uneven padding
+    ((2, 17, 15), 3, 2, (5, 3), (2, 3), "VALID"),
+    ((1, 16, 16, 16), 4, 4, (3, 3, 3), (4, 4, 4), "SAME"),  # HighResNet3D's widest
+]
+
+
+@pytest.mark.parametrize("shape,cin,cout,k,dilation,padding", _DILATED)
+def test_dilated_space_to_batch_matches_lax_with_gradients(shape, cin, cout, k, dilation, padding):
+    x, w = _data(shape, cin, cout, k, seed=7)
+    n = len(k)
+    kw = {"dimension_numbers": conv._specs(x.ndim), "precision": "highest"}
+    spec = kw["dimension_numbers"]
+    how = conv.choose(
+        x.shape, w.shape, (1,) * n, padding, rhs_dilation=dilation, dimension_numbers=spec
+    )
+    assert how == "dilated"
+
+    def ours(x, w):
+        return conv.conv_general_dilated(x, w, (1,) * n, padding, rhs_dilation=dilation, **kw)
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, (1,) * n, padding, rhs_dilation=dilation, **kw)
+
+    y, y_ref = jax.jit(ours)(x, w), ref(x, w)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-4, rtol=1e-5)
+    cot = np.random.default_rng(8).normal(size=y.shape).astype(np.float32)
+    g = jax.jit(jax.grad(lambda x, w: jnp.sum(ours(x, w) * cot), argnums=(0, 1)))(x, w)
+    g_ref = jax.grad(lambda x, w: jnp.sum(ref(x, w) * cot), argnums=(0, 1))(x, w)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3, rtol=1e-4)
+    text = jax.jit(ours).lower(x, w).as_text()
+    dilations = re.findall(r"rhs_dilate = \[([0-9, ]+)\]", text)
+    assert dilations and all(set(d.split(", ")) == {"1"} for d in dilations)  # none dilated left
