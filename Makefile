@@ -39,6 +39,10 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/warp.py
 	$(BIN)/python benchmarks/universeg.py
 	$(BIN)/python benchmarks/conv.py
+	$(BIN)/python benchmarks/models.py --system medicalzoo
+	$(BIN)/python benchmarks/models.py --system systems
+	$(BIN)/python benchmarks/xla_cpu_flags.py
+	$(BIN)/python benchmarks/first_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

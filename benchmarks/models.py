@@ -625,10 +625,12 @@ def main(args):
         print("  " + _line(row), flush=True)
     out = pathlib.Path(args.out)
     record = json.loads(out.read_text()) if out.is_file() else {"meta": {}, "rows": []}
+    fresh = {r["network"]: r for r in rows}  # re-measured rows keep their place in the table
     record["rows"] = [
-        r for r in record["rows"] if r.get("system") != args.system or r["network"] not in names
+        fresh.pop(r["network"]) if r.get("system") == args.system and r["network"] in fresh else r
+        for r in record["rows"]
     ]
-    record["rows"] += rows
+    record["rows"] += list(fresh.values())
     meta = {
         "size": args.size,
         "batch": 1,
