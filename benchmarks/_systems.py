@@ -34,17 +34,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """One system row. ``shape(size)`` -> the spatial input shape (text); the callables below."""
+    """One system row: its stand-in loss (text), its input shape for the ``--size`` given, its
+    inputs, its medjax side, its PyTorch side (None: none exists) and what that side is (text)."""
 
     loss_text: str
-    shape: Callable  # size -> spatial shape tuple
+    shape: Callable  # --size -> spatial shape tuple
     inputs: Callable  # (shape) -> dict of channels-last numpy arrays
     #: (shape, inputs) -> (variables, forward(v, inputs) -> tuple, loss(params, state, inputs, key))
     medjax: Callable
     #: (shape, inputs, exchange) -> (module or parameter list, forward() -> tuple of channels-first
     #: tensors, loss() -> scalar), closed over the inputs as torch tensors
     torch: Callable | None
-    batch: int = 1
     reference: str = ""
 
 
@@ -82,11 +82,6 @@ def _cf(a):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
-
-
-def _cl(t):
-    """channels-first torch tensor -> channels-last numpy."""
-    return np.moveaxis(t.detach().numpy(), 1, -1)
 
 
 def _flat(tree):
