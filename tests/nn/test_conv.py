@@ -413,3 +413,25 @@ def test_dilated_space_to_batch_matches_lax_with_gradients(shape, cin, cout, k, 
     text = jax.jit(ours).lower(x, w).as_text()
     dilations = re.findall(r"rhs_dilate = \[([0-9, ]+)\]", text)
     assert dilations and all(set(d.split(", ")) == {"1"} for d in dilations)  # none dilated left
+
+
+def test_canonical_gradients_under_vmap_match_lax():
+    """Per-example weights under vmap make grouped convolutions; the forward-form gradients that
+    canonical_gradients gives (FocusNetV2's SOS branches use it) equal lax's."""
+    x, w = _data((3, 6, 6, 5), 16, 20, (3, 3, 3), seed=11)  # 3 "organs", each its own weights
+    w = np.stack([w, 0.5 * w, -w])
+
+    def f(x, w):
+        y = conv.conv_general_dilated(x[None], w, (1, 1, 1), "SAME", dimension_numbers=_CL)
+        return jnp.sum(jnp.sin(y))
+
+    def grads(canonical):
+        ctx = conv.canonical_gradients() if canonical else contextlib.nullcontext()
+        with ctx:
+            return jax.jit(jax.vmap(jax.grad(f, argnums=(0, 1))))(x, w)
+
+    with_canonical, plain = grads(True), grads(False)
+    how = conv.choose((1, 6, 6, 5, 16), w.shape[1:], (1, 1, 1), "SAME", dimension_numbers=_CL)
+    assert how == "xla"  # 16 x 20 channels: XLA's convolution, so the canonical gradients apply
+    for a, b in zip(with_canonical, plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5)
