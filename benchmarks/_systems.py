@@ -424,7 +424,8 @@ def _focus_torch_module(kind, shape):
     if kind == "convae":
         net = T["ConvAE"]()
     else:
-        net = T["focus_net"](1, 10, SOSNet=kind == "focusnet", crop=FOCUS_CROP, volume=shape)
+        sos, sol = kind == "focusnet", kind != "s_net"
+        net = T["focus_net"](1, 10, SOSNet=sos, sol=sol, crop=FOCUS_CROP, volume=shape)
     return T["torch"], _randomise_bn(net)
 
 
@@ -451,7 +452,8 @@ def _focus_medjax(kind):
         if kind == "convae":
             model = ConvAE()
         else:
-            model = FocusNetV2(sol=True, sos=kind == "focusnet", crop_size=FOCUS_CROP)
+            sos, sol = kind == "focusnet", kind != "s_net"
+            model = FocusNetV2(sol=sol, sos=sos, crop_size=FOCUS_CROP)
         v = load_pytorch_weights(net.state_dict(), model)
 
         def forward(v, inp, train=False, mutable=False):
@@ -462,6 +464,8 @@ def _focus_medjax(kind):
                 return (o[0],)
             if kind == "focusnet":
                 return o["main_result"], o["heatmap"], o["small_result"]
+            if kind == "s_net":
+                return (o["main_result"],)
             return o["main_result"], o["heatmap"]
 
         def loss(p, s, inp, key):
@@ -469,6 +473,8 @@ def _focus_medjax(kind):
             o = outputs(o)
             if kind == "convae":
                 value = jnp.mean(jnp.square(o[0] - inp["x"]))
+            elif kind == "s_net":
+                value = _jax_dice(o[0], inp["y"])
             else:
                 value = _jax_dice(o[0], inp["y"]) + jnp.mean(jnp.square(o[1]))
                 if kind == "focusnet":
@@ -488,6 +494,8 @@ def _focus_torch(kind):
         def outputs(o):
             if kind == "convae":
                 return (o[0],)
+            if kind == "s_net":
+                return (o["main_result"],)
             out = [o["main_result"], o["heatmap"]]
             if kind == "focusnet":  # (B, n_small, *crop) -> medjax's (B, n_small, *crop, 1)
                 out.append(o["small_result"][:, None])
@@ -497,6 +505,8 @@ def _focus_torch(kind):
             o = outputs(net(t["x"]))
             if kind == "convae":
                 return ((o[0] - t["x"]) ** 2).mean()
+            if kind == "s_net":
+                return _torch_dice(o[0], t["y"], 10)
             value = _torch_dice(o[0], t["y"], 10) + (o[1] ** 2).mean()
             if kind == "focusnet":
                 value = value + (o[2] ** 2).mean()
@@ -610,6 +620,39 @@ def _pnp_medjax(shape, inp):
     return v, forward, loss
 
 
+def _pnp_critic_inputs(channels):
+    def make(shape):
+        return {"x": _rng().normal(size=(1, *shape, channels)).astype(np.float32)}
+
+    return make
+
+
+def _pnp_critic_medjax(cls_name):
+    def build(shape, inp):
+        import jax
+        import jax.numpy as jnp
+
+        from medjax.models import pnp_adanet
+        from medjax.nn.blocks import fast_init
+
+        model = getattr(pnp_adanet, cls_name)()
+        v = fast_init(model, jax.random.key(0), jnp.asarray(inp["x"]))
+
+        def forward(v, inp):
+            return (model.apply(v, inp["x"], train=False),)
+
+        def loss(p, s, inp, key):
+            mutable = ["batch_stats"] if "batch_stats" in s else False
+            rngs = {"dropout": key}
+            o = model.apply({"params": p, **s}, inp["x"], train=True, rngs=rngs, mutable=mutable)
+            o, new = o if mutable else (o, s)
+            return jnp.mean(o), dict(new)
+
+        return v, forward, loss
+
+    return build
+
+
 # ------------------------------------------------------------------------------ the rows
 
 
@@ -653,6 +696,14 @@ def cases():
             _small_torch,
             reference="functional torch on the medjax weights",
         ),
+        "snet": Spec(
+            "Dice on the S-Net logits",
+            lambda size: (16, 2 * size, 2 * size),
+            _focus_inputs("s_net"),
+            _focus_medjax("s_net"),
+            _focus_torch("s_net"),
+            reference="tests/models/test_focusnet.py re-creation",
+        ),
         "snet_sol": Spec(
             "Dice on the S-Net logits + mean squared heatmap",
             lambda size: (16, 2 * size, 2 * size),
@@ -690,6 +741,22 @@ def cases():
             lambda size: (256, 256),
             _pnp_inputs,
             _pnp_medjax,
+            None,
+            reference="none: the original is TensorFlow 1",
+        ),
+        "pnpadanet_critic": Spec(
+            "the mean WGAN score (one side of the critic's loss)",
+            lambda size: (256, 256),
+            _pnp_critic_inputs(32),
+            _pnp_critic_medjax("PnPAdaNetCritic"),
+            None,
+            reference="none: the original is TensorFlow 1",
+        ),
+        "pnpadanet_mask_critic": Spec(
+            "the mean WGAN score (one side of the critic's loss)",
+            lambda size: (256, 256),
+            _pnp_critic_inputs(5),
+            _pnp_critic_medjax("PnPAdaNetMaskCritic"),
             None,
             reference="none: the original is TensorFlow 1",
         ),
