@@ -656,7 +656,11 @@ def main(args):
     previous = record["meta"].get(args.system)
     kept = {r["network"] for r in record["rows"] if r.get("system") == args.system} - set(names)
     if previous and kept:  # a partial run: the table's run stays, this one is listed under it
-        later = [p for p in previous.get("later_runs", []) if set(p["rows"]) - set(names)]
+        later = [
+            {**p, "rows": [n for n in p["rows"] if n not in names]}
+            for p in previous.get("later_runs", [])
+            if set(p["rows"]) - set(names)
+        ]
         meta = {**previous, "later_runs": later + [{**meta, "rows": names}]}
     record["meta"][args.system] = meta
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -720,7 +724,7 @@ def markdown(record):
             )
         for run in meta.get("later_runs", []):
             lines.append(
-                f"\nRe-measured later, in a run of their own: {', '.join(run['rows'])} "
+                f"\nMeasured later, in a run of their own: {', '.join(run['rows'])} "
                 f"({run['time']}, load average {run['load_average_before'][0]:.1f} before, "
                 f"{run['load_average_after'][0]:.1f} after; matmul peak "
                 f"{run['xla_matmul_gflops']:.0f} GFLOP/s)."
