@@ -1,6 +1,6 @@
 """Benchmark whole networks (the MedicalZoo zoo) against their PyTorch re-creations, same run.
 
-Usage: python benchmarks/models.py [--system medicalzoo] [--size 64] [--only unet3d,vnet]
+Usage: python benchmarks/models.py [--system medicalzoo|systems] [--size 64] [--only unet3d,vnet]
        [--repeats 3] [--train-repeats 2] [--threads N] [--max-mib M] [--no-torch]
 
 For every network of a system, at batch 1 with 2 channels (3 for the 3-modality HyperDenseNet) on a
@@ -24,9 +24,13 @@ then 48^3, 32^3, then the smallest size the network takes):
   subprocess after the timed runs minus the one before the first, ``ru_maxrss``); medjax's peak RSS
   increase is recorded too.
 
-Rows for other systems: add a function to :data:`SYSTEMS` that returns ``{name: Case}``; a run of
-``--system X`` replaces X's rows in ``benchmarks/results/models.json`` and keeps the others, and
-``models.md`` shows every system's rows.
+``--system systems`` gives every other registered network (``benchmarks/_systems.py``: the joint
+network, its V-Net, VoxelMorph, co-training's U-Net, FocusNetV2's parts, UniverSeg, PnP-AdaNet's
+three networks), each with its own input shape and stand-in loss, and with its PyTorch side
+checked against medjax's forward outputs in the same run (the largest difference is recorded).
+A run of ``--system X`` replaces X's rows in ``benchmarks/results/models.json`` and keeps the
+others; with ``--only`` the rows it measures keep their place and are listed as measured later,
+and ``models.md`` shows every system's rows.
 
 CPU timings are noisy when other jobs share the machine: the load average before and after is
 recorded; the medjax / PyTorch ratios, measured back to back, are the numbers to read.
