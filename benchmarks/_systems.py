@@ -139,16 +139,19 @@ def _conv(P, path, x, stride=1, act=None):
     return y if act is None else act(y)
 
 
+def _identity(torch, spatial):
+    """The identity grid ``(*S, ndim)`` in voxels."""
+    axes = [torch.arange(s, dtype=torch.float32) for s in spatial]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
 def _warp(torch, img, disp):
     """``medjax.ops.warp(order=1, padding='border')`` as ``grid_sample(align_corners=True)``.
 
     ``img`` (B, C, *S) channels-first, ``disp`` (B, *S, ndim) voxel displacements.
     """
     spatial = img.shape[2:]
-    ident = torch.stack(
-        torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in spatial], indexing="ij"),
-        dim=-1,
-    )
+    ident = _identity(torch, spatial)
     scale = torch.tensor([s - 1 for s in spatial], dtype=torch.float32)
     grid = (2.0 * (ident + disp) / scale - 1.0).flip(-1)  # torch wants (x, y, z)
     return torch.nn.functional.grid_sample(
@@ -256,13 +259,7 @@ def _estienne_torch(model_name, enc_convs=(1, 2, 3, 3, 3), dec_convs=(3, 3, 2, 1
             feats = _residual_decoder(torch, P, "reg_decoder", merged, dec_convs)
             phi = torch.sigmoid(_conv(P, "reg_head", feats))  # (B, 3, *S)
             grid = torch.stack([torch.cumsum(2 * phi[:, k], dim=1 + k) for k in range(3)], -1) - 1
-            ident = torch.stack(
-                torch.meshgrid(
-                    *[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"
-                ),
-                dim=-1,
-            )
-            disp = grid - ident
+            disp = grid - _identity(torch, shape)
             warped = _warp(torch, t["moving"], disp)
             return seg(skips_r), seg(skips_s), disp.movedim(-1, 1), warped
 
@@ -424,7 +421,7 @@ def _focus_torch_module(kind, shape):
     if kind == "convae":
         net = T["ConvAE"]()
     else:
-        sos, sol = kind == "focusnet", kind != "s_net"
+        sos, sol = kind == "focusnet", kind != "snet"
         net = T["focus_net"](1, 10, SOSNet=sos, sol=sol, crop=FOCUS_CROP, volume=shape)
     return T["torch"], _randomise_bn(net)
 
@@ -452,7 +449,7 @@ def _focus_medjax(kind):
         if kind == "convae":
             model = ConvAE()
         else:
-            sos, sol = kind == "focusnet", kind != "s_net"
+            sos, sol = kind == "focusnet", kind != "snet"
             model = FocusNetV2(sol=sol, sos=sos, crop_size=FOCUS_CROP)
         v = load_pytorch_weights(net.state_dict(), model)
 
@@ -464,7 +461,7 @@ def _focus_medjax(kind):
                 return (o[0],)
             if kind == "focusnet":
                 return o["main_result"], o["heatmap"], o["small_result"]
-            if kind == "s_net":
+            if kind == "snet":
                 return (o["main_result"],)
             return o["main_result"], o["heatmap"]
 
@@ -473,7 +470,7 @@ def _focus_medjax(kind):
             o = outputs(o)
             if kind == "convae":
                 value = jnp.mean(jnp.square(o[0] - inp["x"]))
-            elif kind == "s_net":
+            elif kind == "snet":
                 value = _jax_dice(o[0], inp["y"])
             else:
                 value = _jax_dice(o[0], inp["y"]) + jnp.mean(jnp.square(o[1]))
@@ -494,7 +491,7 @@ def _focus_torch(kind):
         def outputs(o):
             if kind == "convae":
                 return (o[0],)
-            if kind == "s_net":
+            if kind == "snet":
                 return (o["main_result"],)
             out = [o["main_result"], o["heatmap"]]
             if kind == "focusnet":  # (B, n_small, *crop) -> medjax's (B, n_small, *crop, 1)
@@ -505,7 +502,7 @@ def _focus_torch(kind):
             o = outputs(net(t["x"]))
             if kind == "convae":
                 return ((o[0] - t["x"]) ** 2).mean()
-            if kind == "s_net":
+            if kind == "snet":
                 return _torch_dice(o[0], t["y"], 10)
             value = _torch_dice(o[0], t["y"], 10) + (o[1] ** 2).mean()
             if kind == "focusnet":
@@ -515,6 +512,22 @@ def _focus_torch(kind):
         return net, lambda: outputs(net(t["x"])), lambda: loss(t)
 
     return build
+
+
+def _focus_spec(kind, loss_text):
+    """A FocusNetV2 row: ``snet`` (S-Net alone), ``snet_sol`` (with the heatmap head),
+    ``focusnet`` (the whole model) on 16 x 2size x 2size, or ``convae`` on an 8x64x64 mask."""
+    shape = (
+        (lambda size: FOCUS_CROP) if kind == "convae" else (lambda size: (16, 2 * size, 2 * size))
+    )
+    return Spec(
+        loss_text,
+        shape,
+        _focus_inputs(kind),
+        _focus_medjax(kind),
+        _focus_torch(kind),
+        reference="tests/models/test_focusnet.py re-creation",
+    )
 
 
 # ------------------------------------------------------------------------------ UniverSeg
@@ -696,38 +709,13 @@ def cases():
             _small_torch,
             reference="functional torch on the medjax weights",
         ),
-        "snet": Spec(
-            "Dice on the S-Net logits",
-            lambda size: (16, 2 * size, 2 * size),
-            _focus_inputs("s_net"),
-            _focus_medjax("s_net"),
-            _focus_torch("s_net"),
-            reference="tests/models/test_focusnet.py re-creation",
-        ),
-        "snet_sol": Spec(
-            "Dice on the S-Net logits + mean squared heatmap",
-            lambda size: (16, 2 * size, 2 * size),
-            _focus_inputs("snet"),
-            _focus_medjax("snet"),
-            _focus_torch("snet"),
-            reference="tests/models/test_focusnet.py re-creation",
-        ),
-        "focusnetv2": Spec(
+        "snet": _focus_spec("snet", "Dice on the S-Net logits"),
+        "snet_sol": _focus_spec("snet_sol", "Dice on the S-Net logits + mean squared heatmap"),
+        "focusnetv2": _focus_spec(
+            "focusnet",
             "Dice on the S-Net logits + mean squared heatmap + mean squared crop logits",
-            lambda size: (16, 2 * size, 2 * size),
-            _focus_inputs("focusnet"),
-            _focus_medjax("focusnet"),
-            _focus_torch("focusnet"),
-            reference="tests/models/test_focusnet.py re-creation",
         ),
-        "convae": Spec(
-            "MSE reconstruction of an 8x64x64 mask",
-            lambda size: FOCUS_CROP,
-            _focus_inputs("convae"),
-            _focus_medjax("convae"),
-            _focus_torch("convae"),
-            reference="tests/models/test_focusnet.py re-creation",
-        ),
+        "convae": _focus_spec("convae", "MSE reconstruction of an 8x64x64 mask"),
         "universeg": Spec(
             f"MSE of the sigmoid prediction (support {UNIVERSEG_SUPPORT})",
             lambda size: (128, 128),

@@ -416,17 +416,12 @@ def torch_worker(case, size, args):
         tx = tx[0].permute(3, 0, 1, 2).contiguous()
     out = {"parameters": int(sum(p.numel() for p in net.parameters()))}
 
-    def onehot():
-        return torch.nn.functional.one_hot(ty, 4).permute(0, 4, 1, 2, 3).float()
+    from _systems import _torch_dice
 
     def dice(z):
         if case.kind == "slices":  # (W, K, D, H) -> (1, K, D, H, W)
             z = z.permute(1, 2, 3, 0)[None]
-        p = torch.softmax(z, 1)
-        t = onehot()
-        inter = (p * t).sum(dim=(0, 2, 3, 4))
-        den = (p * p).sum(dim=(0, 2, 3, 4)) + (t * t).sum(dim=(0, 2, 3, 4))
-        return 1 - (2 * inter / den.clamp(min=1e-6)).mean()
+        return _torch_dice(z, ty, 4)
 
     def loss(o):
         if case.kind == "two_heads":
