@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/models.py --system systems
 	$(BIN)/python benchmarks/xla_cpu_flags.py
 	$(BIN)/python benchmarks/first_step.py
+	$(BIN)/python benchmarks/zoo_budgets.py --seconds 200
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

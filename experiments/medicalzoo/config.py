@@ -34,25 +34,24 @@ LOSSES = ("dice", "generalized_dice", "bce_dice", "weighted_ce", "dice_ce")
 
 #: the comparison: row -> (label, registry name, training steps). Every row trains on the same
 #: synthetic subjects, 32^3 crops, batch 2, Adam 1e-3 and loss, and is evaluated on the same 4
-#: held-out volumes. The budget is meant to be the same *time*, about 2.5 minutes of training each
-#: on an idle 2-core CPU: the steps are estimates from each network's cost per step over a few
-#: steps, not yet checked by a full run (README.md). SkipDenseNet3D's, ResNetMed3D's and
-#: HighResNet3D's were then scaled by their step's speed-up from the CPU transposed-convolution
-#: and dilated-convolution lowerings (benchmarks/models.py at 64^3: 8.5x, 1.15x, 2.8x).
+#: held-out volumes. The budget is the same *time*: 200 s of training on an idle 2-core CPU, the
+#: steps being 200 s / the row's step time as ``benchmarks/zoo_budgets.py --seconds 200`` measured
+#: it (benchmarks/results/zoo_budgets.md, 2026-12-07: 1.2 s for UNet3D to 43.6 s for
+#: DualPathDenseNet). Steps, not seconds, so that a row gives the same numbers on any machine.
 ZOO_ROWS = {
-    "unet3d": ("UNet3D (UNET3D)", "unet3d", 200),
-    "vnet": ("VNet (VNET)", "vnet", 5),
-    "vnetlight": ("VNetLight (VNET2)", "vnetlight", 12),
-    "densenet1": ("SinglePathDenseNet (DENSENET1)", "singlepathdensenet", 3),
-    "densenet2": ("DualPathDenseNet (DENSENET2)", "dualpathdensenet", 2),
-    "densenet3": ("DualSingleDenseNet (DENSENET3)", "dualsingledensenet", 3),
-    "hyperdensenet": ("HyperDenseNet_2Mod (HYPERDENSENET)", "hyperdensenet_2mod", 2),
-    "skipdensenet3d": ("SkipDenseNet3D (SKIPDENSENET3D)", "skipdensenet3d", 125),
-    "densevoxelnet": ("DenseVoxelNet (DENSEVOXELNET)", "densevoxelnet", 75),
-    "resnet3dvae": ("ResNet3dVAE (RESNET3DVAE)", "resnet3dvae", 60),
-    "resnetmed3d": ("ResNetMed3D (RESNETMED3D)", "resnetmed3d", 14),
-    "highresnet": ("HighResNet3D (HIGHRESNET)", "highresnet3d", 11),
-    "unet2d": ("Unet, 2D, slice by slice (UNET2D)", "unet", 20),
+    "unet3d": ("UNet3D (UNET3D)", "unet3d", 162),
+    "vnet": ("VNet (VNET)", "vnet", 18),
+    "vnetlight": ("VNetLight (VNET2)", "vnetlight", 32),
+    "densenet1": ("SinglePathDenseNet (DENSENET1)", "singlepathdensenet", 8),
+    "densenet2": ("DualPathDenseNet (DENSENET2)", "dualpathdensenet", 4),
+    "densenet3": ("DualSingleDenseNet (DENSENET3)", "dualsingledensenet", 7),
+    "hyperdensenet": ("HyperDenseNet_2Mod (HYPERDENSENET)", "hyperdensenet_2mod", 8),
+    "skipdensenet3d": ("SkipDenseNet3D (SKIPDENSENET3D)", "skipdensenet3d", 80),
+    "densevoxelnet": ("DenseVoxelNet (DENSEVOXELNET)", "densevoxelnet", 64),
+    "resnet3dvae": ("ResNet3dVAE (RESNET3DVAE)", "resnet3dvae", 27),
+    "resnetmed3d": ("ResNetMed3D (RESNETMED3D)", "resnetmed3d", 34),
+    "highresnet": ("HighResNet3D (HIGHRESNET)", "highresnet3d", 18),
+    "unet2d": ("Unet, 2D, slice by slice (UNET2D)", "unet", 50),
 }
 #: the held-out volumes are segmented in one window of their size (48^3) by every network that
 #: takes it; ResNet3dVAE, built for its input size, by sliding 32^3 windows.
