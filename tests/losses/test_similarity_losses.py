@@ -101,6 +101,33 @@ def test_heatmap_mse_and_wgan_closed_forms():
             terms.append(0.5 * ((e[f].mean() if f.any() else 0.0) + e[~f].mean()))
     got = float(losses.heatmap_mse(p3, t3.astype(np.float32), weight=2.0, balanced=True))
     assert got == pytest.approx(2.0 * np.mean(terms), rel=1e-5)
+    # others: per channel, the mean of its own foreground's, the other channels' foregrounds' and
+    # the rest's mean errors (empty parts left out); three channels, one empty, a NumPy loop
+    p4 = rng.uniform(size=(2, 3, 5, 3)).astype(np.float32)
+    t4 = np.where(rng.uniform(size=p4.shape) > 0.8, rng.uniform(size=p4.shape), 0.0)
+    t4[0, ..., 2] = 0.0
+    terms = []
+    for b in range(2):
+        for k in range(3):
+            e = (p4[b, ..., k] - t4[b, ..., k]) ** 2
+            own = t4[b, ..., k] > 0
+            oth = ~own & np.any(np.delete(t4[b], k, axis=-1) > 0, axis=-1)
+            rest = ~own & ~oth
+            parts = [e[m].mean() for m in (own, oth, rest) if m.any()]
+            terms.append(np.mean(parts))
+    got = float(losses.heatmap_mse(p4, t4.astype(np.float32), balanced=True, others=True))
+    assert got == pytest.approx(np.mean(terms), rel=1e-5)
+    # a heatmap lit at the other organ's peak costs a third of the error there, not ~1/N
+    t5 = np.zeros((1, 1, 50, 2), np.float32)
+    t5[0, 0, 10, 0] = t5[0, 0, 40, 1] = 1.0
+    p5 = t5.copy()
+    p5[0, 0, 40, 0] = 1.0  # channel 0 also lights organ 1
+    plain = float(losses.heatmap_mse(p5, t5, balanced=True))
+    split = float(losses.heatmap_mse(p5, t5, balanced=True, others=True))
+    assert plain == pytest.approx(0.5 * (1.0 / 49) / 2)
+    assert split == pytest.approx((1.0 / 3) / 2)
+    with pytest.raises(ValueError, match="others=True needs balanced"):
+        losses.heatmap_mse(p5, t5, others=True)
     d_real = np.array([1.0, 3.0])
     d_fake = np.array([[0.5], [-0.5], [1.5]])
     assert float(losses.wgan_critic_loss(d_real, d_fake)) == pytest.approx(-(2.0 - 0.5))
