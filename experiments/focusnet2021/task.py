@@ -746,7 +746,10 @@ class Experiment(medjax.train.Experiment):
             )
             valid = batch["valid"][:, None, None, None, :]
             hm = heatmap_mse(
-                out["heatmap"] * valid, target, balanced=bool(lc.get("heatmap_balanced", False))
+                out["heatmap"] * valid,
+                target,
+                balanced=bool(lc.get("heatmap_balanced", False)),
+                others=bool(lc.get("heatmap_others", False)),
             )
             loss = loss + float(lc.heatmap_weight) * hm
             peak = jnp.max(out["heatmap"], axis=(1, 2, 3))
@@ -897,10 +900,12 @@ class Experiment(medjax.train.Experiment):
 
     def _check_stages(self):
         st = self.config.stages
-        want = {"snet": True, "ae": self.shape_enabled, "sos": self.kind == "focusnet"}
-        what = {"snet": "S-Net", "ae": "shape autoencoder", "sos": "SOS branches"}
+        sos = self.kind == "focusnet"
+        want = {"snet": True, "ae": self.shape_enabled, "sos_warmup": sos, "sos": sos}
+        what = {"snet": "S-Net", "ae": "shape autoencoder", "sos_warmup": "SOS branches"}
+        what["sos"] = what["sos_warmup"]
         for name, used in want.items():
-            n = int(st[name].num_steps)
+            n = int(st[name].num_steps) if name in st else 0
             if n < 0:
                 raise ValueError(f"config.stages.{name}.num_steps: expected >= 0, got {n}")
             if not used and n:
@@ -925,8 +930,9 @@ class Experiment(medjax.train.Experiment):
                 critic="ae",
                 axis_name=axis_name,
             )
-        else:
-            inner = supervised_step(ex.sos_seg_loss, key="sos", axis_name=axis_name)
+        seg_only = supervised_step(ex.sos_seg_loss, key="sos", axis_name=axis_name)
+        if not ex.shape_enabled:
+            inner = seg_only
 
         def sos_step(state, batch):
             inputs = ex.sos_inputs(state, batch)
@@ -936,11 +942,16 @@ class Experiment(medjax.train.Experiment):
                 inputs["pred"] = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
             return inner(state, inputs)
 
+        def sos_warmup_step(state, batch):  # the segmentation loss alone, before the shape terms
+            return seg_only(state, ex.sos_inputs(state, batch))
+
+        steps["sos_warmup"] = sos_warmup_step
         steps["sos"] = sos_step
         return steps
 
     def stages(self):
-        """(1) S-Net + SOL, (2) shape-AE pre-training, (3) SOS (adversarial), as configured.
+        """(1) S-Net + SOL, (2) shape-AE pre-training, (3) SOS warm-up (its segmentation loss alone; ours,
+        quick only), (4) SOS (adversarial), as configured.
 
         The training cases are loaded and checked here, before anything compiles.
         """
@@ -955,6 +966,13 @@ class Experiment(medjax.train.Experiment):
                     int(st.ae.num_steps),
                     steps["ae"],
                     iterator=lambda: self.sos_iterator(1),
+                )
+            )
+        warmup = int(st.sos_warmup.num_steps) if "sos_warmup" in st else 0
+        if "sos" in steps and warmup:
+            out.append(
+                medjax.train.Stage(
+                    "sos_warmup", warmup, steps["sos_warmup"], iterator=lambda: self.sos_iterator(3)
                 )
             )
         if "sos" in steps:

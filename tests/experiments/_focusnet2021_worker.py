@@ -17,7 +17,7 @@ from medjax.train import load_config, load_experiment
 from medjax.train.mesh import make_mesh, replicate, shard_batch
 from medjax.train.steps import compile_step
 
-STAGES = ("snet", "ae", "sos")
+STAGES = ("snet", "ae", "sos_warmup", "sos")
 
 
 def _batches(ex, steps):
@@ -26,6 +26,7 @@ def _batches(ex, steps):
     for name, make in (
         ("snet", ex.train_iterator),
         ("ae", lambda: ex.sos_iterator(1)),
+        ("sos_warmup", lambda: ex.sos_iterator(3)),
         ("sos", lambda: ex.sos_iterator(2)),
     ):
         it = make()
