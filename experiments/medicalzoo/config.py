@@ -14,8 +14,9 @@ on the same data (``compare_rows`` below gives each its step budget):
 
     medjax compare medicalzoo --variant quick --workdir runs/mz_compare
 
-Measured (README.md): UNet3D's compare row, 200 steps in a 48^3 window, mean Dice 0.890 over
-CSF / GM / WM on the 4 held-out phantoms. The 600-step default has not been measured.
+Measured (README.md): the comparison, every network with 200 s of training steps (UNet3D: 162
+steps, mean Dice 0.890 over CSF / GM / WM on the 4 held-out phantoms in a 48^3 window). The
+600-step default of a single run has not been measured.
 
 "paper" is the original's setting: 64^3 sub-volumes kept when the label covers >= 10 % of the
 volume's foreground, batch 4, SGD (momentum 0.5, lr 1e-2; ``--config.optimizer.name=adam
