@@ -36,10 +36,10 @@ def main(argv=None) -> int:
 
     import jax
 
-    if os.environ.get("MEDJAX_COMPILATION_CACHE", "1") != "0":
-        from medjax.cli import _compilation_cache
+    # the medjax command's compilation cache (MEDJAX_COMPILATION_CACHE=0 turns it off)
+    from medjax.cli import _compilation_cache
 
-        _compilation_cache()
+    _compilation_cache()
     from medjax.train.config import load_config
     from medjax.train.experiment import load_experiment
 
